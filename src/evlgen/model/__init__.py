@@ -1,0 +1,1 @@
+"""Model parts: pure merging functions, connectors, frozen towers, and their composition."""
