@@ -1,0 +1,297 @@
+"""Typed, frozen run configuration: dataclasses, YAML presets and dotted command-line overrides.
+
+A config is built from a preset (a name under `configs/` or a YAML path), then `key.sub=value`
+overrides, and checked against the dataclass types: an unknown key or a wrong type fails with the
+key's dotted path and the valid keys at that level. `arch` mappings are passed to transformers'
+config classes as they are (they describe the frozen parts so shapes and costs work offline).
+A preset may start from another with `base: NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from evlgen.model.connector import BertShape
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The frozen vision tower. `name_or_path` None builds random weights from `arch`."""
+
+    family: Literal["clip", "siglip", "blip2"] = "clip"
+    name_or_path: str | None = None
+    revision: str | None = None
+    # Index into the tower's hidden states: -1 = last block (before any final norm), -2 = penultimate.
+    layer: int = -1
+    # transformers vision-config fields (image_size, patch_size, hidden_size, ...).
+    arch: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """The trainable TomeFormer. `init` names the BERT it starts from (None: random init)."""
+
+    kind: Literal["tomeformer"] = "tomeformer"
+    init: str | None = "bert-base-uncased"
+    revision: str | None = None
+    arch: BertShape = field(default_factory=BertShape)
+    # Tokens merged per layer: one int for every layer, or an explicit per-layer list.
+    r: int | list[int] = 0
+    # With an int r: ramp from r*(1-x) at the first layer to r*(1+x) at the last.
+    r_inflection: float = 0.0
+    merge_mode: Literal["mean", "weighted", "proportional"] = "mean"
+    # Position-table size; None = enough for the tower's token count (interpolated beyond BERT's 512).
+    max_positions: int | None = None
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The frozen causal LM. `name_or_path` None builds random weights from `arch`."""
+
+    name_or_path: str | None = None
+    revision: str | None = None
+    # Tokenizer source: None = same as name_or_path; "byte" = the built-in byte-level tokenizer.
+    tokenizer: str | None = None
+    # transformers config fields, including model_type (e.g. opt, llama, qwen2).
+    arch: dict[str, Any] = field(default_factory=dict)
+    # End-of-caption token appended to every target; None = the tokenizer's EOS.
+    end_token: str | None = None
+    max_text_len: int = 32
+    max_prompt_len: int = 64
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding settings for one task."""
+
+    prompt: str = ""
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: model parts and how it decodes."""
+
+    name: str = "custom"
+    seed: int = 0
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    caption: GenerateConfig = field(default_factory=GenerateConfig)
+    vqa: GenerateConfig = field(
+        default_factory=lambda: GenerateConfig(
+            prompt="Question: {} Short answer:", num_beams=5, max_new_tokens=10, min_new_tokens=1
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from plain data
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, checking every key and type."""
+    if not isinstance(data, dict):
+        where = path[:-1] if path else "config"
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}'; valid keys{_at(path)}: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _at(path: str) -> str:
+    return f" under '{path[:-1]}'" if path else ""
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{where}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{where}' must be {_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"config key '{where}' must be null, got {value!r}")
+        return None
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{where}' must be a list ({_name(tp)}), got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{where}' needs {len(args)} values, got {len(value)}")
+            return tuple(
+                _coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(args, value, strict=True))
+            )
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at '{where}'")
+
+
+def _name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("NoneType", "null")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dicts/lists, ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; loading it back gives an equal Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and overrides
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: the installed package data, then the source checkout."""
+    dirs = [Path(str(resources.files("evlgen") / "configs"))]
+    dirs.append(Path(__file__).resolve().parents[2] / "configs")
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_presets() -> list[str]:
+    return sorted({p.stem for d in preset_dirs() for p in d.glob("*.yaml")})
+
+
+def _preset_file(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    for d in preset_dirs():
+        candidate = d / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"unknown preset '{name_or_path}'; presets: {', '.join(list_presets())} (or a YAML path)"
+    )
+
+
+def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = _preset_file(name_or_path)
+    if str(path) in seen:
+        raise ConfigError(f"preset inheritance loops through {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _load_raw(base, seen + (str(path),))
+    # An `arch` map describes one specific model: a child preset's replaces its parent's whole,
+    # while a command-line override like vision.arch.image_size=384 edits one field.
+    return _deep_merge(parent, data, replace=("arch",))
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in replace:
+            out[k] = _deep_merge(out[k], v, replace)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """Apply one `a.b.c=value` (value parsed as YAML) to nested dicts, returning a new dict."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{override}' has an empty key part")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: Any = value
+    for p in reversed(parts):
+        nested = {p: nested}
+    return _deep_merge(data, nested)
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset name or YAML path, then dotted overrides -> a checked, frozen Config."""
+    data = _load_raw(name_or_path)
+    for o in overrides:
+        data = apply_override(data, o)
+    return from_dict(Config, data)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported for frozen configs."""
+    return dataclasses.replace(cfg, **changes)
