@@ -1,0 +1,70 @@
+"""Offline tokenizers: a deterministic byte-level tokenizer for the tiny random presets and the tests.
+
+No tokenizer can be downloaded on the development machines, so the synthetic world and the tests use a
+byte-level BPE with no merges: every UTF-8 byte is one token, which makes tokenisation predictable by hand
+(" yes" is exactly four ids) while keeping the ByteLevel conventions (space shown as "Ġ") of GPT-2/OPT.
+Special tokens follow OPT: BOS = EOS = ``</s>``, pad = ``<pad>``, and ``add_special_tokens=True``
+prepends BOS.
+"""
+
+from __future__ import annotations
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+# Special tokens take the first ids so that byte b always has id NUM_SPECIAL + b.
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
+NUM_SPECIAL = len(SPECIAL_TOKENS)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, the alphabet the ByteLevel pre-tokenizer emits."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            # Unprintable bytes (controls, space) are moved above 255 so every byte maps to a visible char.
+            printable.append(b)
+            chars.append(256 + shift)
+            shift += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Build the deterministic byte-level tokenizer (vocab 259: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, bytes).
+
+    Survives ``save_pretrained`` / ``AutoTokenizer.from_pretrained``; "\\n" is a single token (id 13).
+    """
+    byte_map = _bytes_to_unicode()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[byte_map[b]] = NUM_SPECIAL + b
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    # add_prefix_space=False: like OPT, a text's first word carries no leading space token.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos_id = vocab[EOS_TOKEN]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{EOS_TOKEN} $A",
+        pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B",
+        special_tokens=[(EOS_TOKEN, eos_id)],
+    )
+    # normalized=False keeps the special strings matched verbatim rather than after byte mapping.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+    )
