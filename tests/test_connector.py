@@ -80,6 +80,8 @@ def test_padding_mask_is_carried_through_merges(mode):
     out2, state2 = tome.forward_with_state(x2, mask)
     assert torch.equal(state.mask, state2.mask) and state.mask[0].all() and not state.mask[1].all()
     torch.testing.assert_close(out2[state.mask], out[state.mask])
+    with pytest.raises(ValueError, match=r"samples \[1\] have no real visual tokens"):
+        tome(x, torch.stack([mask[0], torch.zeros(17, dtype=torch.bool)]))
     # The unpadded sample is unaffected by its neighbour's padding.
     torch.testing.assert_close(out[0], tome(x[:1])[0], rtol=1e-5, atol=1e-5)
 

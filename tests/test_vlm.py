@@ -127,3 +127,11 @@ def test_cli_info_json(capsys):
     assert set(info) >= {"token_schedule", "connector_macs", "trainable_params", "frozen_params"}
     assert main(["info", "tiny", "connector.r=9"]) == 2  # impossible schedule: a config error, exit 2
     assert "connector.r" in capsys.readouterr().err
+
+
+def test_smoke_run_writes_resolved_config_and_passes(tmp_path):
+    from evlgen.smoke import run_smoke
+
+    assert run_smoke(tmp_path / "run", steps=30) == 0
+    assert load_config(str(tmp_path / "run" / "config.yaml")) == load_config("tiny")
+    assert json.loads((tmp_path / "run" / "smoke.json").read_text())["reload_identical"] is True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from evlgen.config import load_config
+from evlgen.config import dump_yaml, load_config
 from evlgen.model.build import build_vlm
 from evlgen.model.vlm import VLM
 
@@ -61,6 +61,7 @@ def run_smoke(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(preset, list(overrides))
+    dump_yaml(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     vlm = build_vlm(cfg)

@@ -195,8 +195,14 @@ class TomeFormer(nn.Module):
     def forward_with_state(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, TokenState]:
         """Like forward, but also returns the merged mask and sizes (which output tokens are real)."""
         self.token_schedule(x.shape[1])
-        if mask is not None and bool(mask.all()):
-            mask = None
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"mask must be [B, N] = {list(x.shape[:2])}, got {list(mask.shape)}")
+            empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"samples {empty} have no real visual tokens (mask is all False)")
+            if bool(mask.all()):
+                mask = None
         state = TokenState(mask=mask)
         if self.merge_mode != "mean":
             size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=x.dtype)  # [B, N, 1]
