@@ -132,6 +132,14 @@ def _at(path: str) -> str:
     return f" under '{path[:-1]}'" if path else ""
 
 
+_SCALARS: dict[type, tuple[str, tuple[type, ...]]] = {
+    bool: ("true or false", (bool,)),
+    int: ("an integer", (int,)),
+    float: ("a number", (int, float)),
+    str: ("a string", (str,)),
+}
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
@@ -170,22 +178,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        what, kinds = _SCALARS[tp]
+        # bool is an int subclass in Python; `seed: true` must still be an error.
+        if not isinstance(value, kinds) or (tp is not bool and isinstance(value, bool)):
+            raise ConfigError(f"config key '{where}' must be {what}, got {value!r}")
+        return float(value) if tp is float else value
     raise TypeError(f"unsupported config type {tp} at '{where}'")
 
 
