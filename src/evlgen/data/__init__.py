@@ -1,0 +1,1 @@
+"""Data: readers, transforms, collation."""
