@@ -151,12 +151,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"config key '{where}' must be one of {list(args)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in args:
             try:
                 return _coerce(option, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key '{where}' must be {_name(tp)}, got {value!r} ({type(value).__name__})")
     if tp is type(None):
         if value is not None:
@@ -288,8 +287,3 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for o in overrides:
         data = apply_override(data, o)
     return from_dict(Config, data)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """dataclasses.replace, re-exported for frozen configs."""
-    return dataclasses.replace(cfg, **changes)

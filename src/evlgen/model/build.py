@@ -87,12 +87,13 @@ def _check_arch(loaded: Any, arch: dict[str, Any], where: str) -> None:
 
 
 def build_vision(cfg: VisionConfig, *, random_weights: bool = False) -> VisionTower:
+    dtype = resolve_dtype(cfg.dtype)
     if cfg.name_or_path is None or random_weights:
-        model = random_vision_model(cfg.family, cfg.arch)
+        model = random_vision_model(cfg.family, cfg.arch).to(dtype)
     else:
-        model = load_vision_model(cfg.family, cfg.name_or_path, cfg.revision, dtype=resolve_dtype(cfg.dtype))
+        model = load_vision_model(cfg.family, cfg.name_or_path, cfg.revision, dtype=dtype)
         _check_arch(model.config, cfg.arch, "vision.arch")
-    return VisionTower(model.to(resolve_dtype(cfg.dtype)), cfg.family, cfg.layer)
+    return VisionTower(model, cfg.family, cfg.layer)
 
 
 def build_connector(cfg: ConnectorConfig, p: Plan, *, random_weights: bool = False) -> TomeFormer:
