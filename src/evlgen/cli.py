@@ -4,6 +4,8 @@ Subcommands:
   info PRESET [key=value ...] [--json]   token schedule, connector MACs, parameter counts (offline)
   presets                                list the shipped presets
   smoke [--out DIR]                      tiny end-to-end check: train, generate, save, reload
+  train PRESET [key=value ...] --out DIR  train (torchrun for several processes); --resume auto
+  data check PATH                        validate a dataset: counts, bad files, caption statistics
 """
 
 from __future__ import annotations
@@ -49,6 +51,34 @@ def _smoke(args: argparse.Namespace) -> int:
     return run_smoke(args.out, steps=args.steps, preset=args.config, overrides=args.overrides)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from evlgen.train import distributed
+    from evlgen.train.loop import TrainingError, train
+
+    cfg = load_config(args.config, args.overrides)
+    dist = distributed.init(args.backend)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    out = args.out or f"runs/{cfg.name}"
+    try:
+        logging.getLogger("evlgen").info("run directory %s", out)
+        summary = train(cfg, out, dist=dist, resume=args.resume, cache_dir=args.cache_dir)
+    except TrainingError as e:
+        print(f"evlgen: training stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.shutdown()
+    return 0 if summary["completed"] else 4
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from evlgen.data.check import main_check
+
+    return main_check(
+        args.path, format=args.format, root=args.root, split=args.split, as_json=args.json, limit=args.limit
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evlgen",
@@ -72,6 +102,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/smoke", help="output directory")
     p.add_argument("--steps", type=int, default=30)
     p.set_defaults(func=_smoke)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (single process, or `torchrun --nproc_per_node N -m evlgen train ...`)",
+    )
+    p.add_argument("config", help="preset name or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=1000 data.num_workers=4")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset name>)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' = the latest checkpoint in --out (a fresh start if none), or a checkpoint folder",
+    )
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "nccl", "gloo"], help="torch.distributed backend"
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where annotation indexes are kept (default ~/.cache/evlgen)"
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser(
+        "check", help="validate a dataset and print counts, problems and caption statistics"
+    )
+    p.add_argument("path", help="JSONL file, COCO JSON, WebDataset shards (file, folder, glob or {a..b})")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "coco", "webdataset"])
+    p.add_argument("--root", default=None, help="folder relative image paths are under")
+    p.add_argument("--split", default=None, help="COCO Karpathy split (train, val, test)")
+    p.add_argument("--limit", type=int, default=None, help="check only the first N rows")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=_data_check)
     return parser
 
 
@@ -81,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # transformers' per-save progress bars would interleave with the training progress line.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from evlgen.data.transforms import DEFAULT_MAX_PIXELS
 from evlgen.model.connector import BertShape
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -92,8 +93,83 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset: where its annotations are and how much of the mix it gets.
+
+    Formats: `jsonl` (one JSON object per line, paths relative to `root`), `coco` (a Karpathy split
+    file `dataset_coco.json` or an official `captions_*.json`; images under `root`), `webdataset`
+    (tar shards in the img2dataset layout: a file, a folder, a glob or a `{000..099}` brace range),
+    `features` (a cache written by `evlgen cache-features`). `auto` decides from the path.
+    """
+
+    path: str
+    format: Literal["auto", "jsonl", "coco", "webdataset", "features"] = "auto"
+    # Folder that relative image/video paths are resolved against (default: the annotation file's folder).
+    root: str | None = None
+    # COCO Karpathy split: train (includes restval), val or test. None = every image in the file.
+    split: str | None = None
+    # Mixing ratio among the training datasets (normalised; the paper mixes 15:4:1).
+    weight: float = 1.0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Datasets and the image pipeline. Each micro-batch is drawn from one dataset, as the reference."""
+
+    train: list[DatasetConfig] = field(default_factory=list)
+    val: DatasetConfig | None = None
+    # Validation loss and sample captions use the first `val_samples` rows of `val`.
+    val_samples: int = 64
+    num_workers: int = 2
+    # Train augmentation: RandomResizedCrop scale range; horizontal flip is off by default because it
+    # contradicts captions that say "left" or "right".
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = False
+    eval_resize: Literal["squash", "center_crop"] = "squash"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Frames sampled per video clip.
+    frames: int = 4
+    # Stop with an error once more than this fraction of samples (after the first `bad_grace`) is bad.
+    max_bad_fraction: float = 0.05
+    bad_grace: int = 200
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe. Defaults are the paper's (AdamW, warm-up + cosine), scaled by presets."""
+
+    steps: int = 250_000
+    # Per process and micro-step; the global batch is batch_size * grad_accum * world size.
+    batch_size: int = 200
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 5000
+    warmup_start_lr: float = 1e-6
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    # Gradient-norm clipping; null = none (the reference does not clip).
+    clip_grad: float | None = None
+    # auto: bf16 autocast on a GPU that supports it, else fp16 with a grad scaler; fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    log_every: int = 50
+    # 0 disables the periodic validation loss / sample captions.
+    val_every: int = 5000
+    sample_every: int = 5000
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    # Non-finite losses are skipped; this many in a row abort the run.
+    max_nonfinite: int = 10
+    tensorboard: bool = True
+    # Weights & Biases project; logging to W&B happens only when set (and wandb is installed).
+    wandb_project: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
-    """A whole run: model parts and how it decodes."""
+    """A whole run: model parts, how it decodes, what it trains on and how."""
 
     name: str = "custom"
     seed: int = 0
@@ -106,6 +182,8 @@ class Config:
             prompt="Question: {} Short answer:", num_beams=5, max_new_tokens=10, min_new_tokens=1
         )
     )
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +203,16 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{where}'; valid keys{_at(path)}: {', '.join(names)}")
         kwargs[key] = _coerce(hints[key], value, where)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [k for k in required if k not in kwargs]
+    if missing:
+        raise ConfigError(
+            f"missing config key '{path}{missing[0]}'{_at(path)}; required: {', '.join(required)}"
+        )
     return cls(**kwargs)
 
 

@@ -229,7 +229,7 @@ def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
             cfg, llm=dataclasses.replace(cfg.llm, name_or_path=LOCAL_PREFIX + "llm", tokenizer=None)
         )
     dump_yaml(cfg, tmp / CONFIG_FILE)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if directory.exists():
         old = directory.parent / f".{directory.name}.old-{os.getpid()}"
         directory.rename(old)
@@ -245,7 +245,7 @@ def _embedded(name_or_path: str | None) -> bool:
     return name_or_path is None or name_or_path.startswith(LOCAL_PREFIX)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
