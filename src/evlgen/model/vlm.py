@@ -88,23 +88,41 @@ class VLM(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def encode(self, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """pixels [B, T, C, H, W] -> (soft visual prompt [B, P, D_llm], mask [B, P] or None)."""
+    def tower_features(self, pixels: Tensor) -> Tensor:
+        """pixels [B, T, C, H, W] -> frozen tower output averaged over frames [B, N, Dv].
+
+        This is all that depends on the frozen tower, hence what the feature cache stores.
+        """
         feats = self.vision(pixels)  # [B, T, N, Dv]
-        feats = feats.to(self.ln_vision.weight.dtype).mean(dim=1)  # [B, N, Dv]
+        if feats.shape[1] == 1:
+            return feats[:, 0]  # [B, N, Dv]
+        # A low-precision tower's frames are averaged in float32.
+        return feats.mean(dim=1, dtype=torch.float32)  # [B, N, Dv]
+
+    def encode(self, pixels: Tensor | None, features: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """pixels [B, T, C, H, W] (or cached tower features [B, N, Dv]) -> (prefix [B, P, D_llm], mask)."""
+        if features is None:
+            if pixels is None:
+                raise ValueError("encode needs pixels or features")
+            features = self.tower_features(pixels)
+        feats = features.to(self.ln_vision.weight.dtype)  # [B, N, Dv]
         x = self.vl_proj(self.ln_vision(feats))  # [B, N, Dc]
         x, state = self.connector.forward_with_state(x)  # [B, P, Dc]
         return self.llm_proj(x), state.mask  # [B, P, D_llm]
 
-    def forward(self, pixels: Tensor, prompts: list[str], targets: list[str]) -> LMOutput:
+    def forward(
+        self, pixels: Tensor | None, prompts: list[str], targets: list[str], features: Tensor | None = None
+    ) -> LMOutput:
         """Next-token cross-entropy on the targets only."""
-        prefix, mask = self.encode(pixels)
+        prefix, mask = self.encode(pixels, features)
         return self.llm(prefix, prompts, targets, prefix_mask=mask)
 
     @torch.no_grad()
-    def generate(self, pixels: Tensor, prompts: list[str], **kwargs: object) -> list[str]:
+    def generate(
+        self, pixels: Tensor | None, prompts: list[str], features: Tensor | None = None, **kwargs: object
+    ) -> list[str]:
         """Decoded continuations of each prompt; kwargs go to FrozenLM.generate (num_beams, ...)."""
-        prefix, mask = self.encode(pixels)
+        prefix, mask = self.encode(pixels, features)
         return self.llm.generate(prefix, prompts, prefix_mask=mask, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------

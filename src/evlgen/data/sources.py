@@ -1,0 +1,859 @@
+"""Annotation readers: turn a dataset on disk into :class:`Record` rows without holding it in memory.
+
+Three kinds of source, two interfaces:
+
+* map-style (``len(source)`` and ``source.get(i)``): :class:`JsonlSource` over a JSON-lines file, and
+  :class:`CocoSource` over a COCO-style ``.json`` (Karpathy split file, official captions file, or a
+  LAVIS-style array of rows), which is converted once into a cached JSON-lines file;
+* streaming (``source.shards`` and ``source.iter_shard(shard)``): :class:`WebDatasetSource` over tar
+  shards in the img2dataset layout.
+
+A JSON-lines file is never loaded whole: a table of line offsets is built once, saved under the cache
+folder, and memory-mapped, so DataLoader workers share it through the page cache. Every reader is
+picklable; open files are reopened lazily in each process.
+
+Rows that cannot be used raise (map-style) or yield (streaming) :class:`RecordError`, whose message
+starts with a location a person can open: ``/abs/train.jsonl:123`` (1-based line number),
+``/abs/shard-000.tar:000123`` or ``/abs/dataset_coco.json:images[17]``. No image file is opened here.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from evlgen.config import DatasetConfig
+
+__all__ = [
+    "CocoSource",
+    "JsonlSource",
+    "MapSource",
+    "Record",
+    "RecordError",
+    "WebDatasetSource",
+    "default_cache_dir",
+    "expand_braces",
+    "is_streaming",
+    "open_source",
+    "parse_row",
+    "resolve_shards",
+]
+
+# Bumped whenever the layout of cached index or conversion files changes, so stale caches are ignored.
+_CACHE_VERSION = 1
+
+# Byte -> "not JSON whitespace"; a line with no such byte is blank and gets no index entry.
+_SOLID = np.ones(256, dtype=bool)
+_SOLID[list(b" \t\r\n")] = False
+
+_SCAN_CHUNK = 1 << 24
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One annotation row, before any image file is opened."""
+
+    # Where the row came from, for error messages: "/abs/train.jsonl:123", "/abs/shard-000.tar:KEY".
+    location: str
+    # Stable id: the row's "id", else the line number (jsonl), sample key (webdataset) or image id (coco).
+    key: str
+    # Absolute path, or the encoded bytes of a shard member; None for video rows.
+    image: str | bytes | None
+    video: str | None = None
+    captions: tuple[str, ...] = ()
+    question: str | None = None
+    answers: tuple[str, ...] = ()
+    # File name of the image inside a shard (e.g. "000123.jpg"), for messages and decoder hints.
+    name: str | None = None
+
+
+class RecordError(ValueError):
+    """A row that cannot be used (bad JSON, missing or empty fields, no image).
+
+    ``reason`` is a short category shared by all rows with the same defect (what ``evlgen data check``
+    counts); ``detail`` is specific to this row. The message is ``"LOCATION: reason (detail)"``.
+    """
+
+    def __init__(self, location: str, reason: str, detail: str | None = None) -> None:
+        self.location = location
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{location}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Streaming readers yield these from DataLoader workers, so they must survive pickling; the
+        # default reduce would call __init__ with the formatted message only.
+        return (type(self), (self.location, self.reason, self.detail))
+
+
+class MapSource(Protocol):
+    """What map-style sources share: a length and random access by row index."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, i: int) -> Record: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Row schema
+
+
+def _strings(value: Any, field: str, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            # Official VQA annotations hold answers as {"answer": ..., "answer_confidence": ...}.
+            if isinstance(item, dict) and isinstance(item.get("answer"), str):
+                item = item["answer"]
+            if not isinstance(item, str):
+                raise RecordError(where, f"bad {field}", f"expected strings, got {type(item).__name__}")
+            out.append(item)
+        return out
+    raise RecordError(where, f"bad {field}", f"expected a string or a list, got {type(value).__name__}")
+
+
+def _text_fields(obj: dict[str, Any], where: str) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+    """Captions, question and answers of a row, validated and stripped."""
+    captions: list[str] = []
+    seen_caption_field = False
+    for field in ("caption", "captions"):
+        value = obj.get(field)
+        if value is None:
+            continue
+        seen_caption_field = True
+        items = _strings(value, field, where)
+        if isinstance(value, str) and not value.strip():
+            raise RecordError(where, "empty caption")
+        captions.extend(s.strip() for s in items if s.strip())
+    if seen_caption_field and not captions:
+        raise RecordError(where, "empty caption")
+
+    question = obj.get("question")
+    answers: tuple[str, ...] = ()
+    if question is not None:
+        if not isinstance(question, str):
+            raise RecordError(where, "bad question", f"expected a string, got {type(question).__name__}")
+        if not question.strip():
+            raise RecordError(where, "empty question")
+        raw = obj.get("answers", obj.get("answer"))
+        # Repeated answers are kept: VQA accuracy counts how many annotators gave each one.
+        answers = (
+            tuple(a.strip() for a in _strings(raw, "answers", where) if a.strip()) if raw is not None else ()
+        )
+        if not answers:
+            raise RecordError(where, "question without answers")
+        question = question.strip()
+    if not captions and question is None:
+        raise RecordError(where, "no caption or question")
+    return tuple(captions), question, answers
+
+
+def _resolve(value: Any, field: str, root: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise RecordError(where, f"bad {field} path", f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RecordError(where, f"empty {field} path")
+    return value if os.path.isabs(value) else os.path.join(root, value)
+
+
+def parse_row(obj: Any, location: str, key: str, root: str) -> Record:
+    """Validate one decoded JSON row and resolve its paths against ``root``.
+
+    ``key`` is used when the row has no ``"id"``. Raises :class:`RecordError` naming ``location``.
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(location, "not a JSON object", f"got {type(obj).__name__}")
+    image, video = obj.get("image"), obj.get("video")
+    if image is not None and video is not None:
+        raise RecordError(location, "both image and video")
+    if image is None and video is None:
+        raise RecordError(location, "no image or video")
+    image_path = _resolve(image, "image", root, location) if image is not None else None
+    video_path = _resolve(video, "video", root, location) if video is not None else None
+    captions, question, answers = _text_fields(obj, location)
+    row_id = obj.get("id")
+    return Record(
+        location=location,
+        key=str(row_id) if row_id is not None else key,
+        image=image_path,
+        video=video_path,
+        captions=captions,
+        question=question,
+        answers=answers,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache files
+
+
+def default_cache_dir() -> Path:
+    """``$EVLGEN_CACHE``, else ``$XDG_CACHE_HOME/evlgen``, else ``~/.cache/evlgen``."""
+    explicit = os.environ.get("EVLGEN_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "evlgen"
+
+
+def _index_dir(cache_dir: str | Path | None) -> Path:
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = base.absolute() / "index"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(
+            f"cannot create the evlgen cache folder {folder} ({exc}); set EVLGEN_CACHE to a writable folder"
+        ) from exc
+    return folder
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _signature(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _cache_name(path: str, variant: str, signature: tuple[int, int], suffix: str) -> tuple[str, str]:
+    """(file name, glob matching every version of it): one file per path/variant, versioned by stat."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40]
+    stable = f"{slug}-{_digest(_CACHE_VERSION, path, variant)}"
+    return f"{stable}-{_digest(*signature)}{suffix}", f"{stable}-*{suffix}"
+
+
+def _write_atomic(target: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            write(fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _remove_stale(folder: Path, pattern: str, keep: str) -> list[Path]:
+    """Delete older versions of a cache file (the annotation file changed since they were written)."""
+    removed = []
+    for old in folder.glob(pattern):
+        if old.name != keep:
+            try:
+                old.unlink()
+                removed.append(old)
+            except OSError:
+                pass
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON lines
+
+
+def _scan_lines(fp: Any, chunk_size: int = _SCAN_CHUNK) -> np.ndarray:
+    """``[n, 2]`` int64: byte offset and 1-based line number of every non-blank line of a binary file."""
+    offsets: list[np.ndarray] = []
+    numbers: list[np.ndarray] = []
+    base = 0  # file offset of buf[0]
+    line_no = 1  # line number of the line starting at buf[0]
+    carry = b""
+    while True:
+        block = fp.read(chunk_size)
+        buf = carry + block
+        if not block:
+            # What is left is a last line without a trailing newline.
+            if _SOLID[np.frombuffer(buf, dtype=np.uint8)].any():
+                offsets.append(np.array([base], dtype=np.int64))
+                numbers.append(np.array([line_no], dtype=np.int64))
+            break
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        newlines = np.flatnonzero(arr == 10)
+        if newlines.size == 0:
+            carry = buf
+            continue
+        complete = int(newlines[-1]) + 1
+        starts = np.concatenate(([0], newlines[:-1] + 1))
+        # A line is blank when the count of non-whitespace bytes between its start and newline is 0.
+        solid = np.concatenate(([0], np.cumsum(_SOLID[arr[:complete]])))
+        keep = solid[newlines] - solid[starts] > 0
+        offsets.append(starts[keep].astype(np.int64) + base)
+        numbers.append(np.arange(line_no, line_no + starts.size, dtype=np.int64)[keep])
+        line_no += starts.size
+        base += complete
+        carry = buf[complete:]
+    if not offsets:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.stack([np.concatenate(offsets), np.concatenate(numbers)], axis=1)
+
+
+def _build_index(path: str, signature: tuple[int, int], cache_dir: str | Path | None) -> Path:
+    folder = _index_dir(cache_dir)
+    name, pattern = _cache_name(path, "lines", signature, ".npy")
+    target = folder / name
+    if target.is_file():
+        return target
+    with open(path, "rb") as fp:
+        table = _scan_lines(fp)
+    if _signature(path) != signature:
+        raise RuntimeError(f"{path} changed while it was being indexed; try again")
+    _write_atomic(target, lambda fp: np.save(fp, table, allow_pickle=False))
+    _remove_stale(folder, pattern, keep=name)
+    return target
+
+
+class JsonlSource:
+    """Map-style reader over a JSON-lines annotation file; rows are parsed on demand by :func:`parse_row`.
+
+    Relative paths are resolved against ``root`` (default: the file's folder). The line-offset index is
+    built on first open and reused until the file's size or modification time changes.
+    """
+
+    def __init__(
+        self, path: str | Path, root: str | Path | None = None, cache_dir: str | Path | None = None
+    ) -> None:
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"annotation file not found: {self.path}")
+        self.root = (
+            os.path.abspath(os.path.expanduser(os.fspath(root))) if root else os.path.dirname(self.path)
+        )
+        self._signature = _signature(self.path)
+        self.index_path = str(_build_index(self.path, self._signature, cache_dir))
+        self._fp: Any = None
+        self._table_cache: np.ndarray | None = None
+        self._pid: int | None = None
+        self._len = int(self._table().shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # A memmap pickles as its full contents and file handles not at all: workers reopen both.
+        state.update(_fp=None, _table_cache=None, _pid=None)
+        return state
+
+    def _claim(self) -> None:
+        # A handle inherited through fork shares its file position with the parent and siblings, so
+        # every process opens its own.
+        pid = os.getpid()
+        if self._pid != pid:
+            self._fp = None
+            self._table_cache = None
+            self._pid = pid
+
+    def _table(self) -> np.ndarray:
+        self._claim()
+        if self._table_cache is None:
+            try:
+                self._table_cache = np.load(self.index_path, mmap_mode="r", allow_pickle=False)
+            except ValueError:
+                # Older numpy cannot memory-map a zero-length array; there is nothing to share anyway.
+                self._table_cache = np.load(self.index_path, allow_pickle=False)
+        return self._table_cache
+
+    def _file(self) -> Any:
+        self._claim()
+        if self._fp is None:
+            fp = open(self.path, "rb")
+            st = os.fstat(fp.fileno())
+            if (st.st_size, st.st_mtime_ns) != self._signature:
+                fp.close()
+                raise RuntimeError(f"{self.path} changed since it was indexed; open the dataset again")
+            self._fp = fp
+        return self._fp
+
+    def close(self) -> None:
+        if self._fp is not None:
+            self._fp.close()
+        self._fp = None
+        self._table_cache = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def line_number(self, i: int) -> int:
+        """The 1-based line number of row ``i`` in the file (blank lines are counted)."""
+        return int(self._table()[self._check(i), 1])
+
+    def _check(self, i: int) -> int:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"row {i} out of range for {self.path} ({self._len} rows)")
+        return i % self._len
+
+    def read_json(self, i: int) -> tuple[Any, int]:
+        """Row ``i`` decoded from JSON, and its line number. Raises :class:`RecordError` for bad JSON."""
+        offset, line = (int(v) for v in self._table()[self._check(i)])
+        fp = self._file()
+        fp.seek(offset)
+        raw = fp.readline()
+        where = f"{self.path}:{line}"
+        try:
+            # utf-8-sig: editors on Windows put a byte-order mark before the first line.
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise RecordError(where, "not UTF-8", str(exc)) from None
+        try:
+            return json.loads(text), line
+        except json.JSONDecodeError as exc:
+            raise RecordError(where, "invalid JSON", f"{exc.msg} at column {exc.colno}") from None
+
+    def get(self, i: int) -> Record:
+        obj, line = self.read_json(i)
+        return parse_row(obj, f"{self.path}:{line}", str(line), self.root)
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({self.path!r}, rows={self._len})"
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO-style JSON
+
+
+def _karpathy_rows(data: dict[str, Any], split: str | None, path: str) -> Iterator[dict[str, Any]]:
+    images = data["images"]
+    if split is not None:
+        # Karpathy's "restval" images are the part of COCO val2014 that the split assigns to training.
+        wanted = {"train", "restval"} if split == "train" else {split}
+        present = {img.get("split") for img in images if isinstance(img, dict)}
+        if not wanted & present:
+            found = ", ".join(sorted(str(s) for s in present))
+            raise ValueError(f"{path}: no images with split {split!r}; splits in the file: {found}")
+    for idx, img in enumerate(images):
+        where = f"images[{idx}]"
+        if not isinstance(img, dict):
+            yield {"where": where, "key": str(idx), "row": img}
+            continue
+        if split is not None and img.get("split") not in wanted:
+            continue
+        folder, name = img.get("filepath"), img.get("filename")
+        image = posixpath.join(folder, name) if isinstance(folder, str) and isinstance(name, str) else name
+        captions = []
+        for sentence in img.get("sentences") or []:
+            if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
+                captions.append(sentence["raw"])
+            elif isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
+                captions.append(" ".join(map(str, sentence["tokens"])))
+        key = img.get("cocoid", img.get("imgid", idx))
+        row = {"id": key, "image": image}
+        if captions:
+            row["captions"] = captions
+        yield {"where": f"{where} (id {key})", "key": str(key), "row": row}
+
+
+def _official_rows(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    by_image: dict[Any, list[str]] = {}
+    for ann in data.get("annotations") or []:
+        if isinstance(ann, dict) and isinstance(ann.get("caption"), str):
+            by_image.setdefault(ann.get("image_id"), []).append(ann["caption"])
+    for idx, img in enumerate(data["images"]):
+        if not isinstance(img, dict):
+            yield {"where": f"images[{idx}]", "key": str(idx), "row": img}
+            continue
+        image_id = img.get("id", idx)
+        row: dict[str, Any] = {"id": image_id, "image": img.get("file_name")}
+        if image_id in by_image:
+            row["captions"] = by_image[image_id]
+        yield {"where": f"image id {image_id}", "key": str(image_id), "row": row}
+
+
+def _coco_rows(path: str, split: str | None) -> Iterator[dict[str, Any]]:
+    """Rows of a COCO-style file as ``{"where", "key", "row"}``, the row in the JSON-lines schema."""
+    try:
+        with open(path, "rb") as fp:
+            data = json.load(fp)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        if "annotations" in data:
+            if split is not None:
+                raise ValueError(f"{path}: split={split!r} only applies to a Karpathy dataset_coco.json file")
+            return _official_rows(data)
+        return _karpathy_rows(data, split, path)
+    if isinstance(data, list):
+        if split is not None:
+            raise ValueError(f"{path}: split={split!r} only applies to a Karpathy dataset_coco.json file")
+        return ({"where": f"row {idx}", "key": str(idx), "row": row} for idx, row in enumerate(data))
+    raise ValueError(
+        f"{path}: unrecognised layout; expected a Karpathy split file ({{'images': [... 'sentences' ...]}}), "
+        "an official COCO captions file ({'images': [...], 'annotations': [...]}) or a JSON array of rows"
+    )
+
+
+def _convert_coco(path: str, split: str | None, cache_dir: str | Path | None) -> Path:
+    folder = _index_dir(cache_dir)
+    signature = _signature(path)
+    name, pattern = _cache_name(path, f"coco:{split}", signature, ".jsonl")
+    target = folder / name
+    if target.is_file():
+        return target
+    rows = _coco_rows(path, split)
+
+    def write(fp: Any) -> None:
+        for row in rows:
+            fp.write(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+            fp.write(b"\n")
+
+    _write_atomic(target, write)
+    for old in _remove_stale(folder, pattern, keep=name):
+        # The line index of a removed conversion is useless too.
+        _remove_stale(folder, _cache_name(str(old), "lines", (0, 0), ".npy")[1], keep="")
+    return target
+
+
+class CocoSource:
+    """Map-style reader over a COCO-style ``.json``: Karpathy split file, official captions, or rows.
+
+    The JSON is parsed once and rewritten as a cached JSON-lines file; later opens (and workers) read
+    that through a :class:`JsonlSource`. Locations point into the original file
+    (``/abs/dataset_coco.json:images[17] (id 391895)``). Images are resolved against ``root``
+    (default: the JSON file's folder).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        root: str | Path | None = None,
+        split: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"annotation file not found: {self.path}")
+        self.root = (
+            os.path.abspath(os.path.expanduser(os.fspath(root))) if root else os.path.dirname(self.path)
+        )
+        self.split = split
+        self.converted_path = str(_convert_coco(self.path, split, cache_dir))
+        self._rows = JsonlSource(self.converted_path, root=self.root, cache_dir=cache_dir)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, i: int) -> Record:
+        wrapped, line = self._rows.read_json(i)
+        # The cache is ours, but a damaged one should still fail as a RecordError, not a KeyError.
+        if not isinstance(wrapped, dict) or "row" not in wrapped:
+            raise RecordError(f"{self.converted_path}:{line}", "damaged conversion cache")
+        where = f"{self.path}:{wrapped.get('where', f'row {line}')}"
+        return parse_row(wrapped["row"], where, str(wrapped.get("key", line)), self.root)
+
+    def close(self) -> None:
+        self._rows.close()
+
+    def __repr__(self) -> str:
+        return f"CocoSource({self.path!r}, split={self.split!r}, rows={len(self)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for pos, char in enumerate(text):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:pos])
+            start = pos + 1
+    parts.append(text[start:])
+    return parts
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``{00..12}`` (zero-padded like the bounds) and ``{a,b}``, nested.
+
+    A brace group that is neither a range nor a comma list is kept literally, as bash does.
+    """
+    start = pattern.find("{")
+    while start >= 0:
+        depth = 0
+        for end in range(start, len(pattern)):
+            depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+            if depth == 0:
+                break
+        else:
+            return [pattern]  # unbalanced: nothing to expand
+        prefix, inner, suffix = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+        rng = _RANGE.fullmatch(inner)
+        if rng:
+            lo_text, hi_text = rng.groups()
+            lo, hi = int(lo_text), int(hi_text)
+            padded = any(len(t.lstrip("-")) > 1 and t.lstrip("-").startswith("0") for t in (lo_text, hi_text))
+            width = max(len(lo_text), len(hi_text)) if padded else 0
+            step = 1 if hi >= lo else -1
+            options = [f"{n:0{width}d}" for n in range(lo, hi + step, step)]
+        else:
+            options = _split_top_level(inner)
+            if len(options) == 1:
+                start = pattern.find("{", start + 1)
+                continue
+        tails = expand_braces(suffix)
+        return [
+            prefix + head + tail for option in options for head in expand_braces(option) for tail in tails
+        ]
+    return [pattern]
+
+
+def resolve_shards(spec: str) -> tuple[list[str], list[str]]:
+    """``(existing shards, missing shards)`` for a tar file, a folder of tars, a glob or a brace range.
+
+    Shards come back sorted and absolute. Only brace ranges can name missing shards (img2dataset leaves
+    gaps where a shard failed to download).
+    """
+    spec = os.path.expanduser(spec)
+    if os.path.isdir(spec):
+        found = [p for p in glob.glob(os.path.join(glob.escape(spec), "*.tar")) if os.path.isfile(p)]
+        return sorted(os.path.abspath(p) for p in found), []
+    if os.path.isfile(spec):
+        return [os.path.abspath(spec)], []
+    found: set[str] = set()
+    missing: set[str] = set()
+    for candidate in expand_braces(spec):
+        if _GLOB_CHARS.search(candidate):
+            found.update(os.path.abspath(p) for p in glob.glob(candidate) if os.path.isfile(p))
+        elif os.path.isfile(candidate):
+            found.add(os.path.abspath(candidate))
+        else:
+            missing.add(os.path.abspath(candidate))
+    return sorted(found), sorted(missing - found)
+
+
+def _sample_key(member_name: str) -> tuple[str, str, str] | None:
+    """(key, extension, base name) of a shard member, or None for hidden/metadata files."""
+    name = member_name[2:] if member_name.startswith("./") else member_name
+    folder, base = posixpath.split(name)
+    if not base or base.startswith((".", "_")) or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (posixpath.join(folder, stem) if folder else stem), ext.lower(), base
+
+
+class WebDatasetSource:
+    """Streaming reader over WebDataset tar shards in the img2dataset layout.
+
+    A sample is a run of consecutive members sharing a key (``000123.jpg``, ``000123.txt``,
+    ``000123.json``). Bad samples and damaged shards are yielded as :class:`RecordError` so the caller
+    can count them; iteration never raises for bad data.
+    """
+
+    def __init__(self, spec: str | Path) -> None:
+        self.spec = os.fspath(spec)
+        self.shards, self.missing = resolve_shards(self.spec)
+        if not self.shards:
+            raise FileNotFoundError(f"no WebDataset shards match {self.spec!r}")
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({self.spec!r}, shards={len(self.shards)})"
+
+    def iter_shard(self, shard: str) -> Iterator[Record | RecordError]:
+        """Every sample of one shard in file order, as a Record or a RecordError."""
+        try:
+            tar = tarfile.open(shard, mode="r|*")
+        except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
+            yield RecordError(shard, "unreadable shard", f"{type(exc).__name__}: {exc}")
+            return
+        key: str | None = None
+        files: dict[str, tuple[str, bytes]] = {}
+        done = 0
+        try:
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    parts = _sample_key(member.name)
+                    if parts is None:
+                        continue
+                    member_key, ext, base = parts
+                    if member_key != key:
+                        # Hand out the finished sample before reading on, so damage further along the
+                        # shard cannot take it down too.
+                        if key is not None:
+                            yield _make_sample(shard, key, files)
+                            done += 1
+                        key, files = member_key, {}
+                    handle = tar.extractfile(member)
+                    files[ext] = (base, handle.read() if handle is not None else b"")
+            except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
+                yield _truncated(shard, key, done, f"{type(exc).__name__}: {exc}")
+                return
+            if _lacks_end_marker(tar):
+                # Cut off exactly between two members: tarfile reads that as a normal end, but the last
+                # sample may be missing files.
+                yield _truncated(shard, key, done, "no end-of-archive marker")
+                return
+            if key is not None:
+                yield _make_sample(shard, key, files)
+        finally:
+            tar.close()
+
+
+def _truncated(shard: str, key: str | None, done: int, detail: str) -> RecordError:
+    # The sample being read when the data ran out is dropped: some of its files may be lost.
+    where = f"{shard}:{key}" if key is not None else shard
+    inside = f", inside sample {key}" if key is not None else ""
+    return RecordError(
+        where, "truncated or corrupt shard", f"after {done} complete samples{inside}: {detail}"
+    )
+
+
+def _lacks_end_marker(tar: tarfile.TarFile) -> bool:
+    # A tar ends with two zero blocks after the last member; without them the archive was cut between
+    # two members. tarfile stops at the marker, so read what follows (normally just padding) to learn
+    # how long the (decompressed) stream really is; a cut compressed stream just ends early here.
+    stream = tar.fileobj
+    try:
+        while stream.read(1 << 16):
+            pass
+    except (OSError, EOFError, zlib.error, tarfile.TarError):
+        return True
+    length = getattr(stream, "pos", None)
+    return isinstance(length, int) and length < tar.offset + 2 * tarfile.BLOCKSIZE
+
+
+def _make_sample(shard: str, key: str, files: dict[str, tuple[str, bytes]]) -> Record | RecordError:
+    where = f"{shard}:{key}"
+    try:
+        text: dict[str, Any] = {}
+        if "json" in files:
+            base, data = files["json"]
+            try:
+                meta = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise RecordError(where, "undecodable text", f"{base}: {exc}") from None
+            if isinstance(meta, dict):
+                text = {
+                    k: meta[k] for k in ("caption", "captions", "question", "answers", "answer") if k in meta
+                }
+        if "txt" in files:
+            base, data = files["txt"]
+            try:
+                # The .txt caption wins over the copy img2dataset also stores in the .json.
+                text["caption"] = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(where, "undecodable text", f"{base}: {exc}") from None
+        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+        if image is None:
+            raise RecordError(where, "no image", f"no .{'/.'.join(IMAGE_EXTENSIONS)} file in the sample")
+        captions, question, answers = _text_fields(text, where)
+    except RecordError as exc:
+        return exc
+    return Record(
+        location=where,
+        key=key,
+        image=image[1],
+        captions=captions,
+        question=question,
+        answers=answers,
+        name=image[0],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a reader
+
+
+def is_streaming(source: object) -> bool:
+    """True for shard-streaming sources (``shards`` + ``iter_shard``), False for map-style ones."""
+    return isinstance(source, WebDatasetSource)
+
+
+def _is_feature_cache(folder: str) -> bool:
+    marker = os.path.join(folder, "index.json")
+    if not os.path.isfile(marker):
+        return False
+    try:
+        with open(marker, "rb") as fp:
+            meta = json.load(fp)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == "evlgen-features"
+
+
+def _detect_format(path: str, label: str) -> str:
+    if not os.path.exists(path) and ("{" in path or _GLOB_CHARS.search(path)):
+        return "webdataset"
+    if os.path.isdir(path):
+        if _is_feature_cache(path):
+            return "features"
+        if glob.glob(os.path.join(glob.escape(path), "*.tar")):
+            return "webdataset"
+        raise FileNotFoundError(f"dataset {label}: folder {path} holds no .tar shards and no feature cache")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset {label}: {path} does not exist")
+    lower = path.lower()
+    if lower.endswith(".jsonl"):
+        return "jsonl"
+    if lower.endswith(".json"):
+        return "coco"
+    if lower.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    raise ValueError(
+        f"dataset {label}: cannot tell the format of {path} from its name; "
+        "set format to jsonl, coco or webdataset"
+    )
+
+
+def open_source(
+    ds: DatasetConfig, cache_dir: str | Path | None = None
+) -> JsonlSource | CocoSource | WebDatasetSource:
+    """The reader for one configured dataset, deciding ``format="auto"`` from the path.
+
+    Raises ``FileNotFoundError`` for a missing path, and ``ValueError`` for a feature cache (those are
+    opened by ``evlgen.data.features``) or a setting the format cannot honour.
+    """
+    path = os.path.expanduser(ds.path)
+    label = repr(ds.name or ds.path)
+    fmt = _detect_format(path, label) if ds.format == "auto" else ds.format
+    if fmt == "features":
+        raise ValueError(
+            f"dataset {label}: {path} is a feature cache; feature caches are opened by evlgen.data.features"
+        )
+    if ds.split is not None and fmt != "coco":
+        raise ValueError(f"dataset {label}: split={ds.split!r} only applies to the coco format (got {fmt})")
+    if fmt == "webdataset":
+        try:
+            return WebDatasetSource(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"dataset {label}: {exc}") from None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset {label}: {path} does not exist")
+    if fmt == "jsonl":
+        return JsonlSource(path, root=ds.root, cache_dir=cache_dir)
+    if fmt == "coco":
+        return CocoSource(path, root=ds.root, split=ds.split, cache_dir=cache_dir)
+    raise ValueError(f"dataset {label}: unknown format {fmt!r}")
