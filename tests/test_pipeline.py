@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 import torch
 
-from datasets import caption_dataset, make_image
 from evlgen.config import DatasetConfig, load_config
 from evlgen.data.pipeline import (
     TrainStream,
@@ -20,6 +19,7 @@ from evlgen.data.pipeline import (
     open_sources,
     permute,
 )
+from sample_data import caption_dataset, make_image
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 63, 64, 65, 1000])

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datasets import caption_dataset
 from evlgen.config import ConfigError, load_config
 from evlgen.model.vlm import VLM
 from evlgen.train import checkpoint as ckpt_io
 from evlgen.train.loop import TrainingError, train
+from sample_data import caption_dataset
 
 # Small and fast: 12 steps of 8 samples on the tiny random model.
 BASE = [

@@ -6,6 +6,7 @@ Subcommands:
   smoke [--out DIR]                      tiny end-to-end check: train, generate, save, reload
   train PRESET [key=value ...] --out DIR  train (torchrun for several processes); --resume auto
   data check PATH                        validate a dataset: counts, bad files, caption statistics
+  cache-features PRESET --data P --out D  precompute the frozen tower's outputs for a dataset
 """
 
 from __future__ import annotations
@@ -71,6 +72,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary["completed"] else 4
 
 
+def _cache_features(args: argparse.Namespace) -> int:
+    from evlgen.config import DatasetConfig
+    from evlgen.data.features import cache_features
+
+    cfg = load_config(args.config, args.overrides)
+    ds = DatasetConfig(path=args.data, format=args.format, root=args.root, split=args.split)
+    summary = cache_features(
+        cfg,
+        ds,
+        args.out,
+        views=args.views,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+    )
+    print(json.dumps(summary, indent=2))
+    print(f"train from it with: data.train='[{{path: {args.out}, format: features}}]'")
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from evlgen.data.check import main_check
 
@@ -122,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", default=None, help="where annotation indexes are kept (default ~/.cache/evlgen)"
     )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "cache-features", help="run the frozen vision tower over a dataset once and store its outputs"
+    )
+    p.add_argument("config", help="preset name or YAML path (its vision tower is used)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("--data", required=True, help="dataset path (any format `data check` reads)")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "coco", "webdataset"])
+    p.add_argument("--root", default=None, help="folder relative image paths are under")
+    p.add_argument("--split", default=None, help="COCO Karpathy split")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--views", type=int, default=0, help="0 = one un-augmented view; K = K augmented views")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=4096, help="samples per shard file")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.set_defaults(func=_cache_features)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

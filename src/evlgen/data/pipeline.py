@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from evlgen.config import Config, DatasetConfig
+from evlgen.data.features import FeatureRecord, FeatureSource, is_feature_cache
 from evlgen.data.sources import Record, RecordError, is_streaming, open_source
 from evlgen.data.transforms import ImageLoadError, ImageTransform, load_image
 
@@ -236,7 +237,9 @@ def collate(
         num_bad=len(bad),
         bad=bad[:MAX_BAD_EXAMPLES],
     )
-    if items:
+    if items and items[0][0].ndim == 2:  # cached tower features (one dataset never mixes the two)
+        batch.features = torch.stack([it[0] for it in items])  # [B, N, D]
+    elif items:
         t = max(it[0].shape[0] for it in items)
         batch.pixels = torch.stack([it[0].expand(t, -1, -1, -1) for it in items])  # [B, T, 3, H, W]
     return batch
@@ -246,6 +249,14 @@ def load_one(maker: SampleMaker, rec: Record | RecordError, g: torch.Generator |
     """(item, None) for a good sample, (None, (location, reason)) for a bad one."""
     if isinstance(rec, RecordError):
         return None, _problem(getattr(rec, "location", "?"), rec)
+    if isinstance(rec, FeatureRecord):
+        try:
+            prompt, target = maker.text(rec, g)
+        except SampleError as e:
+            return None, _problem(rec.location, e)
+        k = rec.features.shape[0]
+        view = 0 if k == 1 or g is None else int(torch.randint(k, (), generator=g).item())
+        return (rec.features[view], prompt, target, rec.key), None  # [N, D]
     try:
         pixels, prompt, target = maker(rec, g)
     except (ImageLoadError, SampleError, OSError) as e:
@@ -400,6 +411,9 @@ def open_sources(datasets: Sequence[DatasetConfig], cache_dir: str | None = None
     out = []
     for i, ds in enumerate(datasets):
         try:
+            if ds.format == "features" or (ds.format == "auto" and is_feature_cache(ds.path)):
+                out.append(FeatureSource(ds.path))
+                continue
             out.append(open_source(ds, cache_dir))
         except (OSError, ValueError) as e:
             raise ValueError(f"data.train[{i}] ({ds.path}): {e}") from e

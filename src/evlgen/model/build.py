@@ -8,6 +8,7 @@ whose `name_or_path` is None gets random weights from its `arch` (the tiny prese
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -243,6 +244,15 @@ def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
 def _embedded(name_or_path: str | None) -> bool:
     # Parts with no source, or loaded from inside another checkpoint, travel with the checkpoint.
     return name_or_path is None or name_or_path.startswith(LOCAL_PREFIX)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names and raw bytes, in name order (identity of a set of weights)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def fsync_tree(root: Path) -> None:

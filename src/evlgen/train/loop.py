@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import signal
@@ -24,6 +23,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from evlgen.config import Config, ConfigError, dump_yaml, to_dict
+from evlgen.data.features import FeatureSource, tower_digest
 from evlgen.data.pipeline import (
     Batch,
     TrainStream,
@@ -32,7 +32,7 @@ from evlgen.data.pipeline import (
     make_sample_maker,
     open_sources,
 )
-from evlgen.model.build import build_vlm, from_pretrained
+from evlgen.model.build import build_vlm, from_pretrained, state_digest
 from evlgen.model.vlm import VLM
 from evlgen.train import checkpoint as ckpt_io
 from evlgen.train.distributed import Dist
@@ -161,7 +161,8 @@ def _evaluate(vlm: VLM, batches: list[Batch], prec: Precision, dist: Dist) -> fl
     total, tokens = 0.0, 0.0
     with torch.no_grad(), _autocast(prec, dist.device):
         for batch in batches[dist.rank :: dist.world_size]:
-            out = vlm(batch.pixels.to(dist.device), batch.prompts, batch.targets)
+            pixels, features = _inputs(batch, dist.device)
+            out = vlm(pixels, batch.prompts, batch.targets, features=features)
             total += out.loss.float().item() * out.num_tokens
             tokens += out.num_tokens
     total, tokens = dist.all_sum([total, tokens])
@@ -175,15 +176,24 @@ def _autocast(prec: Precision, device: torch.device) -> contextlib.AbstractConte
     return torch.autocast(device.type, dtype=prec.autocast)
 
 
+def _inputs(batch: Batch, device: torch.device, n: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """(pixels, features) of a batch on the device; exactly one is set."""
+    pixels = batch.pixels[:n].to(device, non_blocking=True) if batch.pixels is not None else None
+    features = batch.features[:n].to(device, non_blocking=True) if batch.features is not None else None
+    return pixels, features
+
+
 def _samples(
     vlm: VLM, batch: Batch, cfg: Config, prec: Precision, device: torch.device, n: int = 8
 ) -> list[str]:
     was_training = vlm.training
     vlm.eval()
+    pixels, features = _inputs(batch, device, n)
     with _autocast(prec, device):
         out = vlm.generate(
-            batch.pixels[:n].to(device),
+            pixels,
             batch.prompts[:n],
+            features=features,
             num_beams=cfg.caption.num_beams,
             max_new_tokens=cfg.caption.max_new_tokens,
             min_new_tokens=cfg.caption.min_new_tokens,
@@ -258,6 +268,11 @@ def train(
     dist.barrier()
     if not dist.is_main:
         sources = open_sources(dc.train, cache_dir)
+    caches = [s for s in sources if isinstance(s, FeatureSource)]
+    if caches:
+        digest = tower_digest(vlm.vision)
+        for cache in caches:
+            cache.check_compatible(cfg, digest)
     maker = make_sample_maker(cfg, vlm.vision.image_size, train=True)
     stream = TrainStream(
         sources,
@@ -341,9 +356,8 @@ def train(
                 with sync:
                     with _autocast(prec, device):
                         if len(batch):
-                            loss = model(
-                                batch.pixels.to(device, non_blocking=True), batch.prompts, batch.targets
-                            ).loss
+                            pixels, features = _inputs(batch, device)
+                            loss = model(pixels, batch.prompts, batch.targets, features=features).loss
                         else:
                             loss = _dummy_loss(model, vlm, device)
                     if not torch.isfinite(loss):
@@ -442,22 +456,13 @@ def train(
         "nonfinite_steps": counters.nonfinite,
         "world_size": dist.world_size,
         # Differing digests would mean the ranks' trainable weights drifted apart.
-        "rank_weight_digests": dist.all_gather_str(weights_digest(vlm)),
+        "rank_weight_digests": dist.all_gather_str(state_digest(vlm.trainable_state_dict())),
         "model": str(run_dir / "model") if done >= tc.steps else None,
     }
     logger.summary(summary)
     logger.close()
     dist.barrier()
     return summary
-
-
-def weights_digest(vlm: VLM) -> str:
-    """SHA-256 over the trainable weights' bytes, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(vlm.trainable_state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _layout(dist: Dist, cfg: Config) -> dict[str, int]:
