@@ -2,11 +2,14 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from evlgen.train import checkpoint as ckpt_io
 from sample_data import caption_dataset
 from test_train import losses
 
@@ -61,3 +64,42 @@ def test_torchrun_two_processes_repeatedly(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max(losses(out)) == 10
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank(tmp_path):
+    data = caption_dataset(tmp_path / "data", 32)
+    out = tmp_path / "run"
+    args = [
+        f"data.train=[{{path: {data}}}]",
+        "train.batch_size=4",
+        *COMMON,
+        "train.steps=100000",
+        "train.ckpt_every=100000",
+        "train.val_every=0",
+        "train.sample_every=0",
+        "--out",
+        str(out),
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(
+        [*launcher, "-m", "evlgen", "train", "tiny", *args],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0  # torchrun reports the interrupted job as failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["completed"], log[-3000:]
+    ckpt = ckpt_io.find_checkpoint(out)
+    assert ckpt is not None and ckpt_io.load_state(ckpt)["step"] == summary["steps"]
+    assert sorted(p.name for p in ckpt.glob("rng-rank*.pt")) == ["rng-rank00000.pt", "rng-rank00001.pt"]
+    done = run([*args[:-2], f"train.steps={summary['steps'] + 2}", "--out", str(out), "--resume", "auto"], 2)
+    assert done.returncode == 0, done.stderr[-3000:]
