@@ -25,13 +25,13 @@ from evlgen.data.pipeline import TrainStream, make_loader, make_sample_maker, op
 from evlgen.model.build import build_vlm, describe, plan
 from evlgen.model.llm import LMOutput
 from evlgen.model.vlm import VLM
-from evlgen.train.loop import _autocast, resolve_precision
 from evlgen.train.optim import build_optimizer
+from evlgen.train.precision import autocast, resolve_precision
 
 STAGES = ("vision", "connector", "llm_forward", "backward", "optimizer")
 # Dense bf16 (= fp16) tensor-core peak per GPU, by substring of the device name; the first match wins,
-# so the slower H100 variants come before the SXM part.
-PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+# so the slower PCIe H100 comes before the SXM part.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 CPU_BATCH_CAP = 8
 # Repeated until the caption fills max_text_len tokens: every sample then costs what the longest does.
 SENTENCE = "a man in a red jacket rides a bicycle past a row of parked cars on a quiet street"
@@ -135,20 +135,29 @@ def _flop_counts(vlm: VLM, info: dict[str, Any], llm_tokens: int, head_tokens: i
 
 
 def staged_forward(
-    vlm: VLM, inputs: Tensor, prompts: list[str], targets: list[str], *, features: bool = False, lap: Lap = _no_lap
+    vlm: VLM,
+    inputs: Tensor,
+    prompts: list[str],
+    targets: list[str],
+    *,
+    features: bool = False,
+    lap: Lap = _no_lap,
 ) -> LMOutput:
     """VLM.forward split into stages, calling the VLM's own submodules in `VLM.encode`'s order.
 
     inputs: pixels [B, T, C, H, W], or with features=True the tower's output [B, N, Dv] (a cache entry).
+    Inputs are expected on the device already: the host-to-device copy (similar in size for pixels and
+    features) is the input pipeline's cost, not the model's.
     """
     if features:
-        feats = inputs.unsqueeze(1)  # [B, 1, N, Dv]: a cached entry is already the mean over frames
+        feats = inputs  # [B, N, Dv]: a cache entry is already the mean over frames
     else:
         # The tower turns autograd off itself unless something inside it trains (video adapters).
-        feats = vlm.vision(inputs)  # [B, T, N, Dv]
+        frames = vlm.vision(inputs)  # [B, T, N, Dv]
+        # Frames are averaged in float32 (exact for an image, T = 1), then go on like cached features.
+        feats = frames.mean(dim=1, dtype=torch.float32)  # [B, N, Dv]
         lap("vision")
-    feats = feats.to(vlm.ln_vision.weight.dtype).mean(dim=1)  # [B, N, Dv]
-    x = vlm.vl_proj(vlm.ln_vision(feats))  # [B, N, Dc]
+    x = vlm.vl_proj(vlm.ln_vision(feats.to(vlm.ln_vision.weight.dtype)))  # [B, N, Dc]
     x, state = vlm.connector.forward_with_state(x)  # [B, P, Dc]
     prefix = vlm.llm_proj(x)  # [B, P, D_llm]
     lap("connector")
@@ -165,7 +174,8 @@ def synthetic_batch(
     tower = vlm.vision
     if features:
         shape = (batch_size, tower.num_tokens, tower.hidden_size)
-        inputs = torch.randn(shape, generator=g).to(device, tower.dtype)  # [B, N, Dv]
+        # float16 is what `evlgen cache-features` stores by default.
+        inputs = torch.randn(shape, generator=g).to(device, torch.float16)  # [B, N, Dv]
     else:
         shape = (batch_size, 1, tower.num_channels, tower.image_size, tower.image_size)
         inputs = torch.randn(shape, generator=g).to(device)  # [B, 1, C, H, W]
@@ -191,12 +201,6 @@ def _offline_tokenizer(cfg: Config, notes: list[str]) -> Config:
         return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tokenizer="byte"))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def bench_train(
     cfg: Config,
     *,
@@ -211,7 +215,7 @@ def bench_train(
     """Time `steps` training steps after `warmup`, staged and end to end; see the module docstring."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    dev = _device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     notes: list[str] = []
     bs = batch_size or cfg.train.batch_size
     if batch_size is None and dev.type == "cpu" and bs > CPU_BATCH_CAP:
@@ -231,7 +235,7 @@ def bench_train(
 
     def step(lap: Lap) -> Tensor:
         # The trainer's step for one micro-batch: autocast forward, scaled backward, grad norm, update.
-        with _autocast(prec, dev):
+        with autocast(prec, dev):
             loss = staged_forward(vlm, inputs, prompts, targets, features=features, lap=lap).loss
         scaler.scale(loss).backward()
         lap("backward")
@@ -266,10 +270,13 @@ def bench_train(
     counts = _flop_counts(vlm, info, llm_tokens + head_tokens, head_tokens, features)
     flops = train_flops_per_image(**counts)
     images_per_s = bs / step_s
+    name = (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     result: dict[str, Any] = {
         "kind": "train",
         "preset": cfg.name,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": name,
         "precision": prec.name,
         "batch_size": bs,
         "features": features,
@@ -304,7 +311,9 @@ def bench_train(
 # Data pipeline
 
 
-def bench_data(cfg: Config, *, workers: list[int], batches: int = 20, warmup: int = 2, batch_size: int | None = None) -> dict:
+def bench_data(
+    cfg: Config, *, workers: list[int], batches: int = 20, warmup: int = 2, batch_size: int | None = None
+) -> dict:
     """Images/s of the training input pipeline (decode + augment + collate) per DataLoader worker count.
 
     Start-up (until the first batch) is reported apart. Then at least `warmup` and at least as many
@@ -362,7 +371,7 @@ def bench_data(cfg: Config, *, workers: list[int], batches: int = 20, warmup: in
 
 
 def _format_train(r: dict) -> str:
-    weights = "random weights" if r["random_weights"] else "pretrained weights"
+    weights = "random weights" if r["random_weights"] else "weights from the preset's sources"
     source = "cached features (no tower)" if r["features"] else "pixels"
     lines = [
         f"bench train: {r['preset']} on {r['device']}, {r['precision']}, batch {r['batch_size']}, {weights}, "
@@ -371,9 +380,11 @@ def _format_train(r: dict) -> str:
     ]
     lines += [f"{k:<14} {v:>10.2f} {r['stages_pct'][k]:>7.1f}" for k, v in r["stages_ms"].items()]
     lines.append(f"{'staged total':<14} {r['staged_ms']:>10.2f} {100.0:>7.1f}")
-    lines.append(f"end to end (no syncs): {r['step_ms']:.2f} ms/step, {r['images_per_s']:.1f} images/s")
+    lines.append(f"end to end (no syncs): {r['step_ms']:.2f} ms/step, {r['images_per_s']:.2f} images/s")
     lines.append(f"parameters: {r['trainable_params']:,} trainable, {r['frozen_params']:,} frozen")
-    flops = f"model FLOPs/image {r['flops_per_image'] / 1e9:.3g} G, achieved {r['achieved_tflops']:.3g} TFLOP/s"
+    flops = (
+        f"model FLOPs/image {r['flops_per_image'] / 1e9:.3g} G, achieved {r['achieved_tflops']:.3g} TFLOP/s"
+    )
     if "mfu" in r:
         flops += f", MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s"
     lines.append(flops)

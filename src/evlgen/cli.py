@@ -7,6 +7,7 @@ Subcommands:
   train PRESET [key=value ...] --out DIR  train (torchrun for several processes); --resume auto
   data check PATH                        validate a dataset: counts, bad files, caption statistics
   cache-features PRESET --data P --out D  precompute the frozen tower's outputs for a dataset
+  bench train|data PRESET                benchmarks (step breakdown, data pipeline images/s)
 """
 
 from __future__ import annotations
@@ -92,6 +93,28 @@ def _cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from evlgen.bench import bench_data, bench_train, format_report
+
+    cfg = load_config(args.config, args.overrides)
+    if args.bench == "train":
+        result = bench_train(
+            cfg,
+            random_weights=args.random_weights,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+            precision=args.precision,
+            features=args.features,
+        )
+    else:
+        workers = [int(w) for w in args.workers.split(",")]
+        result = bench_data(cfg, workers=workers, batches=args.batches, batch_size=args.batch_size)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from evlgen.data.check import main_check
 
@@ -159,6 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=4096, help="samples per shard file")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser("bench", help="benchmarks: training step breakdown, data pipeline throughput")
+    bench_sub = p.add_subparsers(dest="bench", required=True)
+    p = bench_sub.add_parser("train", help="images/s and per-stage time of a training step (synthetic input)")
+    p.add_argument("config", help="preset name or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument("--random-weights", action="store_true", help="build every part from `arch` (no download)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: train.batch_size (at most 8 on CPU)"
+    )
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--features", action="store_true", help="skip the tower, as when training from a feature cache"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
+    p = bench_sub.add_parser(
+        "data", help="images/s of the training data pipeline per DataLoader worker count"
+    )
+    p.add_argument("config", help="preset name or YAML path (its data.train is read)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train='[{path: my.jsonl}]'")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

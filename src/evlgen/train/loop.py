@@ -38,6 +38,7 @@ from evlgen.train import checkpoint as ckpt_io
 from evlgen.train.distributed import Dist
 from evlgen.train.logger import RunLogger, truncate_metrics
 from evlgen.train.optim import build_optimizer, lr_at, set_lr
+from evlgen.train.precision import Precision, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +66,6 @@ MAX_BAD_REPORTED = 20
 
 class TrainingError(RuntimeError):
     """The run cannot continue (too much bad data, repeated non-finite losses); the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    autocast: torch.dtype | None
-    scaler: bool
-
-    @property
-    def name(self) -> str:
-        return "fp32" if self.autocast is None else str(self.autocast).removeprefix("torch.")
-
-
-def resolve_precision(name: str, device: torch.device) -> Precision:
-    if device.type != "cuda":
-        if name == "fp16":
-            raise ConfigError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
-        return Precision(torch.bfloat16 if name == "bf16" else None, False)
-    if name == "auto":
-        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {
-        "fp32": Precision(None, False),
-        "bf16": Precision(torch.bfloat16, False),
-        "fp16": Precision(torch.float16, True),
-    }[name]
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -159,7 +136,7 @@ def _evaluate(vlm: VLM, batches: list[Batch], prec: Precision, dist: Dist) -> fl
     was_training = vlm.training
     vlm.eval()
     total, tokens = 0.0, 0.0
-    with torch.no_grad(), _autocast(prec, dist.device):
+    with torch.no_grad(), autocast(prec, dist.device):
         for batch in batches[dist.rank :: dist.world_size]:
             pixels, features = _inputs(batch, dist.device)
             out = vlm(pixels, batch.prompts, batch.targets, features=features)
@@ -168,12 +145,6 @@ def _evaluate(vlm: VLM, batches: list[Batch], prec: Precision, dist: Dist) -> fl
     total, tokens = dist.all_sum([total, tokens])
     vlm.train(was_training)
     return total / max(tokens, 1.0)
-
-
-def _autocast(prec: Precision, device: torch.device) -> contextlib.AbstractContextManager:
-    if prec.autocast is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=prec.autocast)
 
 
 def _inputs(batch: Batch, device: torch.device, n: int | None = None) -> tuple[Tensor | None, Tensor | None]:
@@ -189,7 +160,7 @@ def _samples(
     was_training = vlm.training
     vlm.eval()
     pixels, features = _inputs(batch, device, n)
-    with _autocast(prec, device):
+    with autocast(prec, device):
         out = vlm.generate(
             pixels,
             batch.prompts[:n],
@@ -354,7 +325,7 @@ def train(
                 last = micro == tc.grad_accum - 1
                 sync = contextlib.nullcontext() if last or not dist.enabled else model.no_sync()
                 with sync:
-                    with _autocast(prec, device):
+                    with autocast(prec, device):
                         if len(batch):
                             pixels, features = _inputs(batch, device)
                             loss = model(pixels, batch.prompts, batch.targets, features=features).loss
