@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from evlgen.config import Config, DatasetConfig
-from evlgen.data.features import FeatureRecord, FeatureSource, is_feature_cache
+from evlgen.data.features import FeatureRecord
 from evlgen.data.sources import Record, RecordError, is_streaming, open_source
 from evlgen.data.transforms import ImageLoadError, ImageTransform, load_image
 
@@ -411,9 +411,6 @@ def open_sources(datasets: Sequence[DatasetConfig], cache_dir: str | None = None
     out = []
     for i, ds in enumerate(datasets):
         try:
-            if ds.format == "features" or (ds.format == "auto" and is_feature_cache(ds.path)):
-                out.append(FeatureSource(ds.path))
-                continue
             out.append(open_source(ds, cache_dir))
         except (OSError, ValueError) as e:
             raise ValueError(f"data.train[{i}] ({ds.path}): {e}") from e

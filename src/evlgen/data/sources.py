@@ -6,7 +6,9 @@ Three kinds of source, two interfaces:
   :class:`CocoSource` over a COCO-style ``.json`` (Karpathy split file, official captions file, or a
   LAVIS-style array of rows), which is converted once into a cached JSON-lines file;
 * streaming (``source.shards`` and ``source.iter_shard(shard)``): :class:`WebDatasetSource` over tar
-  shards in the img2dataset layout.
+  shards in the img2dataset layout (defined in ``webdataset.py``, re-exported here).
+
+:func:`open_source` picks the reader for a configured dataset, feature caches included.
 
 A JSON-lines file is never loaded whole: a table of line offsets is built once, saved under the cache
 folder, and memory-mapped, so DataLoader workers share it through the page cache. Every reader is
@@ -25,15 +27,15 @@ import json
 import os
 import posixpath
 import re
-import tarfile
 import tempfile
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from evlgen.data.records import MapSource, Record, RecordError, parse_row
+from evlgen.data.webdataset import GLOB_CHARS, WebDatasetSource, expand_braces, resolve_shards
 
 if TYPE_CHECKING:
     from evlgen.config import DatasetConfig
@@ -61,147 +63,6 @@ _SOLID = np.ones(256, dtype=bool)
 _SOLID[list(b" \t\r\n")] = False
 
 _SCAN_CHUNK = 1 << 24
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One annotation row, before any image file is opened."""
-
-    # Where the row came from, for error messages: "/abs/train.jsonl:123", "/abs/shard-000.tar:KEY".
-    location: str
-    # Stable id: the row's "id", else the line number (jsonl), sample key (webdataset) or image id (coco).
-    key: str
-    # Absolute path, or the encoded bytes of a shard member; None for video rows.
-    image: str | bytes | None
-    video: str | None = None
-    captions: tuple[str, ...] = ()
-    question: str | None = None
-    answers: tuple[str, ...] = ()
-    # File name of the image inside a shard (e.g. "000123.jpg"), for messages and decoder hints.
-    name: str | None = None
-
-
-class RecordError(ValueError):
-    """A row that cannot be used (bad JSON, missing or empty fields, no image).
-
-    ``reason`` is a short category shared by all rows with the same defect (what ``evlgen data check``
-    counts); ``detail`` is specific to this row. The message is ``"LOCATION: reason (detail)"``.
-    """
-
-    def __init__(self, location: str, reason: str, detail: str | None = None) -> None:
-        self.location = location
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{location}: {reason}" + (f" ({detail})" if detail else ""))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Streaming readers yield these from DataLoader workers, so they must survive pickling; the
-        # default reduce would call __init__ with the formatted message only.
-        return (type(self), (self.location, self.reason, self.detail))
-
-
-class MapSource(Protocol):
-    """What map-style sources share: a length and random access by row index."""
-
-    def __len__(self) -> int: ...
-
-    def get(self, i: int) -> Record: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Row schema
-
-
-def _strings(value: Any, field: str, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        out = []
-        for item in value:
-            # Official VQA annotations hold answers as {"answer": ..., "answer_confidence": ...}.
-            if isinstance(item, dict) and isinstance(item.get("answer"), str):
-                item = item["answer"]
-            if not isinstance(item, str):
-                raise RecordError(where, f"bad {field}", f"expected strings, got {type(item).__name__}")
-            out.append(item)
-        return out
-    raise RecordError(where, f"bad {field}", f"expected a string or a list, got {type(value).__name__}")
-
-
-def _text_fields(obj: dict[str, Any], where: str) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
-    """Captions, question and answers of a row, validated and stripped."""
-    captions: list[str] = []
-    seen_caption_field = False
-    for field in ("caption", "captions"):
-        value = obj.get(field)
-        if value is None:
-            continue
-        seen_caption_field = True
-        items = _strings(value, field, where)
-        if isinstance(value, str) and not value.strip():
-            raise RecordError(where, "empty caption")
-        captions.extend(s.strip() for s in items if s.strip())
-    if seen_caption_field and not captions:
-        raise RecordError(where, "empty caption")
-
-    question = obj.get("question")
-    answers: tuple[str, ...] = ()
-    if question is not None:
-        if not isinstance(question, str):
-            raise RecordError(where, "bad question", f"expected a string, got {type(question).__name__}")
-        if not question.strip():
-            raise RecordError(where, "empty question")
-        raw = obj.get("answers", obj.get("answer"))
-        # Repeated answers are kept: VQA accuracy counts how many annotators gave each one.
-        answers = (
-            tuple(a.strip() for a in _strings(raw, "answers", where) if a.strip()) if raw is not None else ()
-        )
-        if not answers:
-            raise RecordError(where, "question without answers")
-        question = question.strip()
-    if not captions and question is None:
-        raise RecordError(where, "no caption or question")
-    return tuple(captions), question, answers
-
-
-def _resolve(value: Any, field: str, root: str, where: str) -> str:
-    if not isinstance(value, str):
-        raise RecordError(where, f"bad {field} path", f"expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RecordError(where, f"empty {field} path")
-    return value if os.path.isabs(value) else os.path.join(root, value)
-
-
-def parse_row(obj: Any, location: str, key: str, root: str) -> Record:
-    """Validate one decoded JSON row and resolve its paths against ``root``.
-
-    ``key`` is used when the row has no ``"id"``. Raises :class:`RecordError` naming ``location``.
-    """
-    if not isinstance(obj, dict):
-        raise RecordError(location, "not a JSON object", f"got {type(obj).__name__}")
-    image, video = obj.get("image"), obj.get("video")
-    if image is not None and video is not None:
-        raise RecordError(location, "both image and video")
-    if image is None and video is None:
-        raise RecordError(location, "no image or video")
-    image_path = _resolve(image, "image", root, location) if image is not None else None
-    video_path = _resolve(video, "video", root, location) if video is not None else None
-    captions, question, answers = _text_fields(obj, location)
-    row_id = obj.get("id")
-    return Record(
-        location=location,
-        key=str(row_id) if row_id is not None else key,
-        image=image_path,
-        video=video_path,
-        captions=captions,
-        question=question,
-        answers=answers,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,213 +438,6 @@ class CocoSource:
 
 
 # ---------------------------------------------------------------------------------------------
-# WebDataset shards
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for pos, char in enumerate(text):
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(text[start:pos])
-            start = pos + 1
-    parts.append(text[start:])
-    return parts
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace expansion: ``{00..12}`` (zero-padded like the bounds) and ``{a,b}``, nested.
-
-    A brace group that is neither a range nor a comma list is kept literally, as bash does.
-    """
-    start = pattern.find("{")
-    while start >= 0:
-        depth = 0
-        for end in range(start, len(pattern)):
-            depth += {"{": 1, "}": -1}.get(pattern[end], 0)
-            if depth == 0:
-                break
-        else:
-            return [pattern]  # unbalanced: nothing to expand
-        prefix, inner, suffix = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-        rng = _RANGE.fullmatch(inner)
-        if rng:
-            lo_text, hi_text = rng.groups()
-            lo, hi = int(lo_text), int(hi_text)
-            padded = any(len(t.lstrip("-")) > 1 and t.lstrip("-").startswith("0") for t in (lo_text, hi_text))
-            width = max(len(lo_text), len(hi_text)) if padded else 0
-            step = 1 if hi >= lo else -1
-            options = [f"{n:0{width}d}" for n in range(lo, hi + step, step)]
-        else:
-            options = _split_top_level(inner)
-            if len(options) == 1:
-                start = pattern.find("{", start + 1)
-                continue
-        tails = expand_braces(suffix)
-        return [
-            prefix + head + tail for option in options for head in expand_braces(option) for tail in tails
-        ]
-    return [pattern]
-
-
-def resolve_shards(spec: str) -> tuple[list[str], list[str]]:
-    """``(existing shards, missing shards)`` for a tar file, a folder of tars, a glob or a brace range.
-
-    Shards come back sorted and absolute. Only brace ranges can name missing shards (img2dataset leaves
-    gaps where a shard failed to download).
-    """
-    spec = os.path.expanduser(spec)
-    if os.path.isdir(spec):
-        found = [p for p in glob.glob(os.path.join(glob.escape(spec), "*.tar")) if os.path.isfile(p)]
-        return sorted(os.path.abspath(p) for p in found), []
-    if os.path.isfile(spec):
-        return [os.path.abspath(spec)], []
-    found: set[str] = set()
-    missing: set[str] = set()
-    for candidate in expand_braces(spec):
-        if _GLOB_CHARS.search(candidate):
-            found.update(os.path.abspath(p) for p in glob.glob(candidate) if os.path.isfile(p))
-        elif os.path.isfile(candidate):
-            found.add(os.path.abspath(candidate))
-        else:
-            missing.add(os.path.abspath(candidate))
-    return sorted(found), sorted(missing - found)
-
-
-def _sample_key(member_name: str) -> tuple[str, str, str] | None:
-    """(key, extension, base name) of a shard member, or None for hidden/metadata files."""
-    name = member_name[2:] if member_name.startswith("./") else member_name
-    folder, base = posixpath.split(name)
-    if not base or base.startswith((".", "_")) or "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (posixpath.join(folder, stem) if folder else stem), ext.lower(), base
-
-
-class WebDatasetSource:
-    """Streaming reader over WebDataset tar shards in the img2dataset layout.
-
-    A sample is a run of consecutive members sharing a key (``000123.jpg``, ``000123.txt``,
-    ``000123.json``). Bad samples and damaged shards are yielded as :class:`RecordError` so the caller
-    can count them; iteration never raises for bad data.
-    """
-
-    def __init__(self, spec: str | Path) -> None:
-        self.spec = os.fspath(spec)
-        self.shards, self.missing = resolve_shards(self.spec)
-        if not self.shards:
-            raise FileNotFoundError(f"no WebDataset shards match {self.spec!r}")
-
-    def __repr__(self) -> str:
-        return f"WebDatasetSource({self.spec!r}, shards={len(self.shards)})"
-
-    def iter_shard(self, shard: str) -> Iterator[Record | RecordError]:
-        """Every sample of one shard in file order, as a Record or a RecordError."""
-        try:
-            tar = tarfile.open(shard, mode="r|*")
-        except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
-            yield RecordError(shard, "unreadable shard", f"{type(exc).__name__}: {exc}")
-            return
-        key: str | None = None
-        files: dict[str, tuple[str, bytes]] = {}
-        done = 0
-        try:
-            try:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    parts = _sample_key(member.name)
-                    if parts is None:
-                        continue
-                    member_key, ext, base = parts
-                    if member_key != key:
-                        # Hand out the finished sample before reading on, so damage further along the
-                        # shard cannot take it down too.
-                        if key is not None:
-                            yield _make_sample(shard, key, files)
-                            done += 1
-                        key, files = member_key, {}
-                    handle = tar.extractfile(member)
-                    files[ext] = (base, handle.read() if handle is not None else b"")
-            except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
-                yield _truncated(shard, key, done, f"{type(exc).__name__}: {exc}")
-                return
-            if _lacks_end_marker(tar):
-                # Cut off exactly between two members: tarfile reads that as a normal end, but the last
-                # sample may be missing files.
-                yield _truncated(shard, key, done, "no end-of-archive marker")
-                return
-            if key is not None:
-                yield _make_sample(shard, key, files)
-        finally:
-            tar.close()
-
-
-def _truncated(shard: str, key: str | None, done: int, detail: str) -> RecordError:
-    # The sample being read when the data ran out is dropped: some of its files may be lost.
-    where = f"{shard}:{key}" if key is not None else shard
-    inside = f", inside sample {key}" if key is not None else ""
-    return RecordError(
-        where, "truncated or corrupt shard", f"after {done} complete samples{inside}: {detail}"
-    )
-
-
-def _lacks_end_marker(tar: tarfile.TarFile) -> bool:
-    # A tar ends with two zero blocks after the last member; without them the archive was cut between
-    # two members. tarfile stops at the marker, so read what follows (normally just padding) to learn
-    # how long the (decompressed) stream really is; a cut compressed stream just ends early here.
-    stream = tar.fileobj
-    try:
-        while stream.read(1 << 16):
-            pass
-    except (OSError, EOFError, zlib.error, tarfile.TarError):
-        return True
-    length = getattr(stream, "pos", None)
-    return isinstance(length, int) and length < tar.offset + 2 * tarfile.BLOCKSIZE
-
-
-def _make_sample(shard: str, key: str, files: dict[str, tuple[str, bytes]]) -> Record | RecordError:
-    where = f"{shard}:{key}"
-    try:
-        text: dict[str, Any] = {}
-        if "json" in files:
-            base, data = files["json"]
-            try:
-                meta = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise RecordError(where, "undecodable text", f"{base}: {exc}") from None
-            if isinstance(meta, dict):
-                text = {
-                    k: meta[k] for k in ("caption", "captions", "question", "answers", "answer") if k in meta
-                }
-        if "txt" in files:
-            base, data = files["txt"]
-            try:
-                # The .txt caption wins over the copy img2dataset also stores in the .json.
-                text["caption"] = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RecordError(where, "undecodable text", f"{base}: {exc}") from None
-        image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        if image is None:
-            raise RecordError(where, "no image", f"no .{'/.'.join(IMAGE_EXTENSIONS)} file in the sample")
-        captions, question, answers = _text_fields(text, where)
-    except RecordError as exc:
-        return exc
-    return Record(
-        location=where,
-        key=key,
-        image=image[1],
-        captions=captions,
-        question=question,
-        answers=answers,
-        name=image[0],
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # Choosing a reader
 
 
@@ -792,23 +446,13 @@ def is_streaming(source: object) -> bool:
     return isinstance(source, WebDatasetSource)
 
 
-def _is_feature_cache(folder: str) -> bool:
-    marker = os.path.join(folder, "index.json")
-    if not os.path.isfile(marker):
-        return False
-    try:
-        with open(marker, "rb") as fp:
-            meta = json.load(fp)
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == "evlgen-features"
-
-
 def _detect_format(path: str, label: str) -> str:
-    if not os.path.exists(path) and ("{" in path or _GLOB_CHARS.search(path)):
+    if not os.path.exists(path) and ("{" in path or GLOB_CHARS.search(path)):
         return "webdataset"
     if os.path.isdir(path):
-        if _is_feature_cache(path):
+        from evlgen.data.features import is_feature_cache
+
+        if is_feature_cache(path):
             return "features"
         if glob.glob(os.path.join(glob.escape(path), "*.tar")):
             return "webdataset"
@@ -828,21 +472,19 @@ def _detect_format(path: str, label: str) -> str:
     )
 
 
-def open_source(
-    ds: DatasetConfig, cache_dir: str | Path | None = None
-) -> JsonlSource | CocoSource | WebDatasetSource:
-    """The reader for one configured dataset, deciding ``format="auto"`` from the path.
+def open_source(ds: DatasetConfig, cache_dir: str | Path | None = None) -> Any:
+    """The reader for one configured dataset (JSONL, COCO, WebDataset or a feature cache).
 
-    Raises ``FileNotFoundError`` for a missing path, and ``ValueError`` for a feature cache (those are
-    opened by ``evlgen.data.features``) or a setting the format cannot honour.
+    ``format="auto"`` is decided from the path. Raises ``FileNotFoundError`` for a missing path and
+    ``ValueError`` for a setting the format cannot honour.
     """
     path = os.path.expanduser(ds.path)
     label = repr(ds.name or ds.path)
     fmt = _detect_format(path, label) if ds.format == "auto" else ds.format
     if fmt == "features":
-        raise ValueError(
-            f"dataset {label}: {path} is a feature cache; feature caches are opened by evlgen.data.features"
-        )
+        from evlgen.data.features import FeatureSource
+
+        return FeatureSource(path)
     if ds.split is not None and fmt != "coco":
         raise ValueError(f"dataset {label}: split={ds.split!r} only applies to the coco format (got {fmt})")
     if fmt == "webdataset":
