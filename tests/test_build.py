@@ -96,3 +96,9 @@ def test_whole_model_from_local_parts_saves_references_not_copies(opt_dir, bert_
     again = evlgen.load(str(out))
     pixels = torch.randn(2, 1, 3, 32, 32)
     assert torch.equal(again(pixels, ["", ""], ["a b", "c"]).loss, vlm(pixels, ["", ""], ["a b", "c"]).loss)
+
+
+def test_plan_rejects_sequences_longer_than_the_lm_positions():
+    with pytest.raises(ConfigError, match=r"llm.arch.max_position_embeddings=100 is shorter than .* 106"):
+        plan(load_config("tiny", ["llm.arch.max_position_embeddings=100"]))
+    plan(load_config("tiny", ["llm.arch.max_position_embeddings=106"]))

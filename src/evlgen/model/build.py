@@ -66,6 +66,15 @@ def plan(cfg: Config) -> Plan:
         raise ConfigError(f"connector.r: {e}") from None
     if c.max_positions is not None and c.max_positions < num_tokens:
         raise ConfigError(f"connector.max_positions={c.max_positions} < {num_tokens} visual tokens")
+    # Visual prefix + prompt + target + end token must fit the LM's position table (OPT's is learned).
+    longest = counts[-1] + cfg.llm.max_prompt_len + cfg.llm.max_text_len + 1
+    limit = cfg.llm.arch.get("max_position_embeddings")
+    if isinstance(limit, int) and longest > limit:
+        raise ConfigError(
+            f"llm.arch.max_position_embeddings={limit} is shorter than the longest sequence {longest} "
+            f"({counts[-1]} visual tokens + llm.max_prompt_len {cfg.llm.max_prompt_len} + "
+            f"llm.max_text_len {cfg.llm.max_text_len} + end token): merge more (connector.r) or shorten"
+        )
     return Plan(num_tokens=num_tokens, protected=protected, rs=rs, token_schedule=counts)
 
 
