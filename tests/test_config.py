@@ -96,3 +96,8 @@ def test_impossible_schedule_fails_before_any_model_is_built(monkeypatch):
 def test_from_dict_rejects_non_mapping():
     with pytest.raises(ConfigError, match="vision: expected a mapping"):
         from_dict(Config, {"vision": 3})
+
+
+def test_unparsable_override_value_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'vision.arch=\{image_size: 224,': the value is not valid YAML"):
+        load_config("tiny", ["vision.arch={image_size: 224,"])

@@ -362,7 +362,10 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override '{override}' has an empty key part")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({e.problem})") from None
     nested: Any = value
     for p in reversed(parts):
         nested = {p: nested}
