@@ -99,5 +99,7 @@ def test_from_dict_rejects_non_mapping():
 
 
 def test_unparsable_override_value_names_the_override():
-    with pytest.raises(ConfigError, match=r"override 'vision.arch=\{image_size: 224,': the value is not valid YAML"):
+    with pytest.raises(
+        ConfigError, match=r"override 'vision.arch=\{image_size: 224,': the value is not valid YAML"
+    ):
         load_config("tiny", ["vision.arch={image_size: 224,"])

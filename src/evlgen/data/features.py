@@ -31,6 +31,7 @@ from torch import Tensor
 
 from evlgen.config import Config, ConfigError, DatasetConfig
 from evlgen.data.sources import JsonlSource, RecordError, is_streaming, open_source
+from evlgen.fsutil import fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +274,6 @@ def cache_features(
         "shards": shards,
     }
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
-    from evlgen.model.build import fsync_tree
-
     fsync_tree(tmp)
     if out.exists():
         shutil.rmtree(out)

@@ -27,7 +27,6 @@ import json
 import os
 import posixpath
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ import numpy as np
 
 from evlgen.data.records import MapSource, Record, RecordError, parse_row
 from evlgen.data.webdataset import GLOB_CHARS, WebDatasetSource, expand_braces, resolve_shards
+from evlgen.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from evlgen.config import DatasetConfig
@@ -107,23 +107,6 @@ def _cache_name(path: str, variant: str, signature: tuple[int, int], suffix: str
     return f"{stable}-{_digest(*signature)}{suffix}", f"{stable}-*{suffix}"
 
 
-def _write_atomic(target: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            write(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _remove_stale(folder: Path, pattern: str, keep: str) -> list[Path]:
     """Delete older versions of a cache file (the annotation file changed since they were written)."""
     removed = []
@@ -187,7 +170,7 @@ def _build_index(path: str, signature: tuple[int, int], cache_dir: str | Path | 
         table = _scan_lines(fp)
     if _signature(path) != signature:
         raise RuntimeError(f"{path} changed while it was being indexed; try again")
-    _write_atomic(target, lambda fp: np.save(fp, table, allow_pickle=False))
+    atomic_write(target, lambda fp: np.save(fp, table, allow_pickle=False))
     _remove_stale(folder, pattern, keep=name)
     return target
 
@@ -386,7 +369,7 @@ def _convert_coco(path: str, split: str | None, cache_dir: str | Path | None) ->
             fp.write(json.dumps(row, ensure_ascii=False).encode("utf-8"))
             fp.write(b"\n")
 
-    _write_atomic(target, write)
+    atomic_write(target, write)
     for old in _remove_stale(folder, pattern, keep=name):
         # The line index of a removed conversion is useless too.
         _remove_stale(folder, _cache_name(str(old), "lines", (0, 0), ".npy")[1], keep="")

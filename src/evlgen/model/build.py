@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from evlgen.config import Config, ConfigError, ConnectorConfig, LLMConfig, VisionConfig, dump_yaml, from_dict
+from evlgen.fsutil import fsync_tree
 from evlgen.model.connector import TomeFormer, tomeformer_macs
 from evlgen.model.llm import FrozenLM
 from evlgen.model.merge import merge_schedule, token_schedule
@@ -262,18 +263,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _localise(value: str | None, directory: Path) -> str | None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evlgen.model.build import fsync_tree
+from evlgen.fsutil import atomic_write_bytes, fsync_dir, fsync_tree
 from evlgen.model.vlm import VLM
 from evlgen.train.distributed import Dist
 
@@ -88,22 +88,8 @@ def _save_file(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
+    atomic_write_bytes(root / LATEST, (name + "\n").encode())
 
 
 def save_checkpoint(
@@ -133,7 +119,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_latest(root, name)
         prune(root, keep_last)
     dist.barrier()

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
+from evlgen.fsutil import atomic_write_bytes
 from evlgen.train.tensorboard import EventWriter
 
 __all__ = ["METRICS_FILE", "SUMMARY_FILE", "TB_DIR", "RunLogger", "truncate_metrics"]
@@ -49,31 +50,6 @@ _ORDERED_ITEM = re.compile(r"^(\d+)\.")
 # OOM of the process. fsync only adds safety against a machine crash or power loss, and can take
 # seconds on network filesystems, so it is rate-limited: at most this much logging is at risk.
 _FSYNC_INTERVAL_S = 10.0
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that readers (and a crash) see the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> int:
@@ -113,7 +89,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> int:
         kept.append(line)
     new = b"".join(line + b"\n" for line in kept)
     if new != raw:
-        _atomic_write_bytes(path, new)
+        atomic_write_bytes(path, new)
     if dropped:
         log.info("%s: kept %d entries up to step %d, dropped %d", path, len(kept), step, dropped)
     return dropped
@@ -334,7 +310,7 @@ class RunLogger:
         if not self._active():
             return
         text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable)
-        _atomic_write_bytes(self.run_dir / SUMMARY_FILE, (text + "\n").encode("utf-8"))
+        atomic_write_bytes(self.run_dir / SUMMARY_FILE, (text + "\n").encode("utf-8"))
         self._print_line(f"summary ({self.run_dir / SUMMARY_FILE}):\n{text}")
         if self._wandb_run is not None:
             self._wandb_run.summary.update(json.loads(text))
