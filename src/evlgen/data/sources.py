@@ -175,6 +175,15 @@ def _build_index(path: str, signature: tuple[int, int], cache_dir: str | Path | 
     return target
 
 
+def _annotation_paths(path: str | Path, root: str | Path | None) -> tuple[str, str]:
+    """Absolute annotation file (which must exist) and image root (default: the file's folder)."""
+    file = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"annotation file not found: {file}")
+    folder = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else os.path.dirname(file)
+    return file, folder
+
+
 class JsonlSource:
     """Map-style reader over a JSON-lines annotation file; rows are parsed on demand by :func:`parse_row`.
 
@@ -185,12 +194,7 @@ class JsonlSource:
     def __init__(
         self, path: str | Path, root: str | Path | None = None, cache_dir: str | Path | None = None
     ) -> None:
-        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"annotation file not found: {self.path}")
-        self.root = (
-            os.path.abspath(os.path.expanduser(os.fspath(root))) if root else os.path.dirname(self.path)
-        )
+        self.path, self.root = _annotation_paths(path, root)
         self._signature = _signature(self.path)
         self.index_path = str(_build_index(self.path, self._signature, cache_dir))
         self._fp: Any = None
@@ -392,12 +396,7 @@ class CocoSource:
         split: str | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
-        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"annotation file not found: {self.path}")
-        self.root = (
-            os.path.abspath(os.path.expanduser(os.fspath(root))) if root else os.path.dirname(self.path)
-        )
+        self.path, self.root = _annotation_paths(path, root)
         self.split = split
         self.converted_path = str(_convert_coco(self.path, split, cache_dir))
         self._rows = JsonlSource(self.converted_path, root=self.root, cache_dir=cache_dir)
