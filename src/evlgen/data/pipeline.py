@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from evlgen.config import Config, DatasetConfig
+from evlgen.config import Config, ConfigError, DatasetConfig
 from evlgen.data.features import FeatureRecord
 from evlgen.data.sources import Record, RecordError, is_streaming, open_source
 from evlgen.data.transforms import ImageLoadError, ImageTransform, load_image
@@ -405,15 +405,18 @@ class TrainStream(IterableDataset):
         return collate(b, d, items, bad)
 
 
-def open_sources(datasets: Sequence[DatasetConfig], cache_dir: str | None = None) -> list[Any]:
+def open_sources(
+    datasets: Sequence[DatasetConfig], cache_dir: str | None = None, key: str = "data.train"
+) -> list[Any]:
+    """Open every dataset; a missing or unreadable one is a ConfigError naming its config key."""
     if not datasets:
-        raise ValueError("no training data: set data.train to a list of datasets (see docs/data.md)")
+        raise ConfigError(f"no training data: set {key} to a list of datasets (see docs/data.md)")
     out = []
     for i, ds in enumerate(datasets):
         try:
             out.append(open_source(ds, cache_dir))
         except (OSError, ValueError) as e:
-            raise ValueError(f"data.train[{i}] ({ds.path}): {e}") from e
+            raise ConfigError(f"{key}[{i}] ({ds.path}): {e}") from e
     return out
 
 

@@ -195,6 +195,13 @@ def train(
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto, or choose another --out")
     if ckpt is not None and saved_cfg.is_file():
         check_resume_config(cfg, saved_cfg)
+    # -- datasets first: a wrong path fails before anything is written or a large model loads ----
+    if dist.is_main:  # build annotation indexes once, before the other ranks look for them
+        sources = open_sources(dc.train, cache_dir)
+    dist.barrier()
+    if not dist.is_main:
+        sources = open_sources(dc.train, cache_dir)
+
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, saved_cfg)
@@ -234,11 +241,6 @@ def train(
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across ranks
 
     # -- data -------------------------------------------------------------------------------------
-    if dist.is_main:  # build annotation indexes once, before the other ranks look for them
-        sources = open_sources(dc.train, cache_dir)
-    dist.barrier()
-    if not dist.is_main:
-        sources = open_sources(dc.train, cache_dir)
     caches = [s for s in sources if isinstance(s, FeatureSource)]
     if caches:
         digest = tower_digest(vlm.vision)
@@ -256,7 +258,7 @@ def train(
         start=start * tc.grad_accum,
     )
     eval_maker = make_sample_maker(cfg, vlm.vision.image_size, train=False)
-    val_source = open_sources([dc.val], cache_dir)[0] if dc.val is not None else sources[0]
+    val_source = open_sources([dc.val], cache_dir, "data.val")[0] if dc.val is not None else sources[0]
     val_batches, _ = fixed_batches(val_source, eval_maker, dc.val_samples, tc.batch_size)
     if not val_batches and (tc.val_every or tc.sample_every):
         log.warning("no usable validation samples: validation loss and sample captions are off")
