@@ -72,6 +72,7 @@ def same(a, b):
     )
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 def test_stream_restarts_exactly_with_and_without_workers(setup):
     _, sources, maker = setup
     full = take(TrainStream(sources, [1.0], maker, batch_size=4, seed=3), 12)
