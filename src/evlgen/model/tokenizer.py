@@ -9,7 +9,9 @@ prepends BOS.
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from collections.abc import Iterable
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN = "<pad>"
@@ -48,19 +50,39 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     for b in range(256):
         vocab[byte_map[b]] = NUM_SPECIAL + b
 
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    return _opt_conventions(Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN)))
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` with the same conventions as `byte_tokenizer` (deterministic).
+
+    Used for the synthetic world's tiny LM: a real learned vocabulary, built offline in a second.
+    """
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _opt_conventions(tok)
+
+
+def _opt_conventions(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """ByteLevel pre-tokenizer and decoder, BOS = EOS = ``</s>`` prepended, ``<pad>``: OPT's conventions."""
     # add_prefix_space=False: like OPT, a text's first word carries no leading space token.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    eos_id = vocab[EOS_TOKEN]
+    # normalized=False keeps the special strings matched verbatim rather than after byte mapping.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    eos_id = tok.token_to_id(EOS_TOKEN)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{EOS_TOKEN} $A",
         pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B",
         special_tokens=[(EOS_TOKEN, eos_id)],
     )
-    # normalized=False keeps the special strings matched verbatim rather than after byte mapping.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS_TOKEN,

@@ -1,0 +1,1 @@
+"""Evaluation: caption metrics (coco-caption), VQA accuracy (official VQAv2 rule) and generation runners."""
