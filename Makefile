@@ -40,9 +40,9 @@ test-slow: $(STAMP)
 test-all: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
-# Until the synthetic world lands, the main job is the tiny end-to-end check.
+# The whole method on the synthetic world: world -> backbones (cached) -> EVLGen -> held-out evaluation.
 demo: $(STAMP)
-	$(BIN)/evlgen smoke --out runs/smoke
+	$(BIN)/evlgen demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -1,0 +1,288 @@
+"""Tiny "pretrained" backbones for the synthetic world, trained by evlgen itself and then frozen.
+
+The real setting has a vision tower pretrained on image-text pairs and an LLM pretrained on text; the
+demo mirrors it at toy scale, from scratch, on a CPU:
+
+* vision: a CLIP-layout ViT trained contrastively against captions of freshly rendered scenes;
+* LLM: an OPT-layout causal LM with its own byte-level BPE tokenizer, trained on text in which a
+  scene described in words comes first and a caption or a question and its answer follow. A small LM
+  pretrained on unconditional captions learns to ignore its context, and a frozen LM that ignores
+  its context cannot be steered by a visual prefix (DESIGN.md, section 4); this one must read it.
+
+The LM's text layout matches what EVLGen feeds it later: ``description </s> caption: ... </s>``
+against ``[visual prefix] </s> caption: ... </s>``, so the connector learns to stand in for the words.
+
+Both are saved in transformers format and loaded by `build_vlm` like any checkpoint. They are cached
+under the evlgen cache folder by a digest of their recipe, written atomically, and rebuilt
+deterministically when missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from evlgen.config import CLIP_MEAN, CLIP_STD
+from evlgen.data.sources import default_cache_dir
+from evlgen.data.transforms import to_tensor
+from evlgen.fsutil import fsync_tree
+from evlgen.model.tokenizer import train_bpe_tokenizer
+from evlgen.synth import world
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the backbones' weights (its digest names the cache folder)."""
+
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    clip_steps: int = 400
+    clip_batch: int = 96
+    clip_lr: float = 1e-3
+    vocab_size: int = 400
+    lm_hidden: int = 128
+    lm_layers: int = 3
+    lm_heads: int = 4
+    lm_steps: int = 700
+    lm_batch: int = 64
+    lm_lr: float = 3e-3
+    corpus_scenes: int = 6000
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def vision_arch(self) -> dict[str, Any]:
+        """The `vision.arch` a preset must state for this tower."""
+        return {
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.vision_hidden,
+            "num_hidden_layers": self.vision_layers,
+            "num_attention_heads": self.vision_heads,
+            "intermediate_size": 4 * self.vision_hidden,
+        }
+
+    def lm_arch(self, vocab_size: int) -> dict[str, Any]:
+        """The `llm.arch` of the LM (OPT layout, ids as evlgen's tokenizers: pad 0, BOS = EOS 1)."""
+        return {
+            "model_type": "opt",
+            "vocab_size": vocab_size,
+            "hidden_size": self.lm_hidden,
+            "num_hidden_layers": self.lm_layers,
+            "num_attention_heads": self.lm_heads,
+            "ffn_dim": 4 * self.lm_hidden,
+            "max_position_embeddings": 256,
+            "word_embed_proj_dim": self.lm_hidden,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+        }
+
+
+def backbones_dir(recipe: Recipe, cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "synth-backbones" / f"v{VERSION}-{recipe.digest()}"
+
+
+def ensure_backbones(
+    recipe: Recipe = Recipe(), cache_dir: str | Path | None = None, progress: Progress | None = None
+) -> Path:
+    """The folder holding `vision/` and `llm/`, training them first when they are not cached."""
+    out = backbones_dir(recipe, cache_dir)
+    if (out / "recipe.json").is_file():
+        return out
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    rng = random.Random(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    corpus = lm_corpus(recipe, rng)
+    tokenizer = train_bpe_tokenizer((a + " " + b for a, b in corpus), recipe.vocab_size)
+    lm, lm_loss = train_lm(recipe, tokenizer, corpus, progress)
+    lm.save_pretrained(tmp / "llm")
+    tokenizer.save_pretrained(tmp / "llm")
+    vision, clip_loss = train_vision(recipe, tokenizer, random.Random(recipe.seed + 1), progress)
+    vision.save_pretrained(tmp / "vision")
+    info = {
+        "version": VERSION,
+        "recipe": dataclasses.asdict(recipe),
+        "lm_final_loss": lm_loss,
+        "clip_final_loss": clip_loss,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (tmp / "recipe.json").write_text(json.dumps(info, indent=2))
+    fsync_tree(tmp)
+    if out.exists():  # another process finished first; theirs is identical
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
+    log.info("synthetic-world backbones ready in %s (%.0f s)", out, info["seconds"])
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# LM
+
+
+def lm_corpus(recipe: Recipe, rng: random.Random) -> list[tuple[str, str]]:
+    """(scene description, continuation) pairs: 'caption: ...' and 'Question: ... Short answer: ...'."""
+    pairs = []
+    for _ in range(recipe.corpus_scenes):
+        scene = world.sample_scene(rng)
+        desc = scene.describe()
+        for cap in world.captions(scene, rng, 2):
+            pairs.append((desc, f"caption: {cap}"))
+        for q, a in world.questions(scene, rng, 2):
+            pairs.append((desc, f"Question: {q} Short answer: {a}"))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _lm_ids(tokenizer: Any, desc: str, text: str) -> list[int]:
+    # description, then BOS where EVLGen puts its visual prefix before the BOS-led prompt, then the text.
+    eos = tokenizer.eos_token_id
+    return (
+        tokenizer(desc, add_special_tokens=False)["input_ids"]
+        + [eos]
+        + tokenizer(text, add_special_tokens=False)["input_ids"]
+        + [eos]
+    )
+
+
+def train_lm(
+    recipe: Recipe, tokenizer: Any, corpus: list[tuple[str, str]], progress: Progress | None = None
+) -> tuple[Any, float]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**recipe.lm_arch(len(tokenizer))))
+    seqs = [_lm_ids(tokenizer, d, t) for d, t in corpus]
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lm_lr, weight_decay=0.01)
+    model.train()
+    loss_value = math.nan
+    g = torch.Generator().manual_seed(recipe.seed)
+    for step in range(recipe.lm_steps):
+        _set_lr(opt, recipe.lm_lr, step, recipe.lm_steps)
+        idx = torch.randint(len(seqs), (recipe.lm_batch,), generator=g).tolist()
+        batch = [seqs[i] for i in idx]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
+        mask = torch.zeros(len(batch), width, dtype=torch.long)  # [B, L]
+        for i, s in enumerate(batch):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        labels = ids.masked_fill(mask == 0, -100)  # [B, L]
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_value = loss.item()
+        if progress is not None:
+            progress("language model", step + 1, recipe.lm_steps)
+    return model.eval(), loss_value
+
+
+# -------------------------------------------------------------------------------------------------
+# Vision tower
+
+
+def _pixels(scenes: list[Any], size: int) -> Tensor:
+    return torch.stack(
+        [to_tensor(world.render(s, size), CLIP_MEAN, CLIP_STD) for s in scenes]
+    )  # [B, 3, H, W]
+
+
+def train_vision(
+    recipe: Recipe, tokenizer: Any, rng: random.Random, progress: Progress | None = None
+) -> tuple[Any, float]:
+    """CLIP contrastive training on fresh scenes; returns the vision half as a CLIPVisionModel."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
+
+    eos = tokenizer.eos_token_id
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": recipe.text_hidden,
+            "intermediate_size": 4 * recipe.text_hidden,
+            "num_hidden_layers": recipe.text_layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            # Pooling takes the first EOS; the captions carry no BOS, so that is their last token.
+            "eos_token_id": eos,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": eos,
+        },
+        vision_config={**recipe.vision_arch(), "initializer_range": 0.02},
+        projection_dim=recipe.vision_hidden,
+    )
+    clip = CLIPModel(config)
+    opt = torch.optim.AdamW(clip.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
+    clip.train()
+    loss_value = math.nan
+    for step in range(recipe.clip_steps):
+        _set_lr(opt, recipe.clip_lr, step, recipe.clip_steps)
+        scenes = [world.sample_scene(rng) for _ in range(recipe.clip_batch)]
+        texts = [world.captions(s, rng, 1)[0] for s in scenes]
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:63] + [eos] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
+        mask = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        out = clip(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=_pixels(scenes, recipe.image_size),
+            return_loss=True,
+        )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        loss_value = out.loss.item()
+        if progress is not None:
+            progress("vision encoder", step + 1, recipe.clip_steps)
+    vision = CLIPVisionModel(config.vision_config)
+    # transformers 5's CLIPVisionModel is the bare transformer: the same modules as clip.vision_model.
+    vision.load_state_dict(clip.vision_model.state_dict())
+    return vision.eval(), loss_value
+
+
+def _set_lr(opt: torch.optim.Optimizer, peak: float, step: int, total: int) -> None:
+    warm = max(1, total // 20)
+    lr = (
+        peak * (step + 1) / warm
+        if step < warm
+        else peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+    )
+    for group in opt.param_groups:
+        group["lr"] = lr
