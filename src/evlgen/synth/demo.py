@@ -44,14 +44,15 @@ def _bar(stage: str, done: int, total: int) -> None:
 
 
 def demo_config(backbones: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The `demo` preset pointed at the cached backbones, with the LM's architecture as saved."""
-    llm_arch = json.loads((backbones / "llm" / "config.json").read_text())
-    keys = Recipe().lm_arch(0).keys()
-    arch = {k: llm_arch[k] for k in keys if k in llm_arch}
+    """The `demo` preset pointed at the cached backbones, with their architectures as built."""
+    recipe = Recipe(**json.loads((backbones / "recipe.json").read_text())["recipe"])
+    llm_saved = json.loads((backbones / "llm" / "config.json").read_text())
+    llm_arch = {k: llm_saved[k] for k in recipe.lm_arch(0) if k in llm_saved}
     parts = [
         f"vision.name_or_path={backbones / 'vision'}",
+        "vision.arch=" + json.dumps(recipe.vision_arch()),
         f"llm.name_or_path={backbones / 'llm'}",
-        "llm.arch=" + json.dumps(arch),
+        "llm.arch=" + json.dumps(llm_arch),
     ]
     return load_config("demo", [*parts, *overrides])
 
