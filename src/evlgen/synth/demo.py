@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from evlgen.config import Config, load_config
+from evlgen.config import Config, GenerateConfig, load_config
 from evlgen.data.pipeline import fixed_batches, make_sample_maker
 from evlgen.data.sources import JsonlSource
 from evlgen.model.vlm import VLM
@@ -66,7 +66,7 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Captions and zero-shot answers for one split, with every metric the report needs."""
     from evlgen.eval.captions import caption_scores
-    from evlgen.eval.vqa import normalize_answer
+    from evlgen.eval.vqa import vqa_scores
 
     maker = make_sample_maker(cfg, vlm.vision.image_size, train=False)
     rows = _rows(world_dir / f"{split}.jsonl")
@@ -74,16 +74,9 @@ def evaluate_split(
     batches, bad = fixed_batches(source, maker, len(rows), batch_size)
     if bad:
         raise RuntimeError(f"{bad} unreadable images in the generated {split} split")
-    gen = {
-        "num_beams": cfg.caption.num_beams,
-        "max_new_tokens": cfg.caption.max_new_tokens,
-        "min_new_tokens": cfg.caption.min_new_tokens,
-    }
-    preds: dict[str, str] = {}
+    gen = _generation(cfg.caption)
     with torch.no_grad():
-        for b in batches:
-            for key, text in zip(b.keys, vlm.generate(b.pixels, b.prompts, **gen), strict=True):
-                preds[key] = text
+        preds = _generate_all(vlm, batches, gen)
         # The same frozen LM with no image: what the captions would be from the language prior alone.
         prefix = torch.zeros(1, 0, vlm.llm.hidden_size)  # [1, P=0, D]
         blind = vlm.llm.generate(prefix, [cfg.caption.prompt], **gen)[0]
@@ -110,23 +103,11 @@ def evaluate_split(
     vqa_rows = _rows(world_dir / f"{split}_vqa.jsonl")
     vqa_source = JsonlSource(world_dir / f"{split}_vqa.jsonl")
     vqa_batches, _ = fixed_batches(vqa_source, maker, len(vqa_rows), batch_size)
-    vgen = {
-        "num_beams": cfg.vqa.num_beams,
-        "max_new_tokens": cfg.vqa.max_new_tokens,
-        "min_new_tokens": cfg.vqa.min_new_tokens,
-    }
-    answers: dict[str, str] = {}
-    with torch.no_grad():
-        for b in vqa_batches:
-            for key, text in zip(b.keys, vlm.generate(b.pixels, b.prompts, **vgen), strict=True):
-                answers[key] = text
+    answers = _generate_all(vlm, vqa_batches, _generation(cfg.vqa))
     vqa_by_key = {r["id"]: r for r in vqa_rows}
-    correct = [
-        normalize_answer(answers[k]) in {normalize_answer(a) for a in vqa_by_key[k]["answers"]}
-        for k in answers
-    ]
-    out["vqa_accuracy"] = sum(correct) / len(correct)
-    out["vqa_questions"] = len(correct)
+    vqa = vqa_scores(answers, {k: vqa_by_key[k]["answers"] for k in answers})
+    out["vqa_accuracy"] = vqa["accuracy"]
+    out["vqa_questions"] = vqa["count"]
     out["examples"] = [
         {
             "image": by_key[k]["image"],
@@ -145,6 +126,19 @@ def evaluate_split(
         }
         for k in list(answers)[:16]
     ]
+    return out
+
+
+def _generation(g: GenerateConfig) -> dict[str, int]:
+    return {"num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens}
+
+
+@torch.no_grad()
+def _generate_all(vlm: VLM, batches: list[Any], gen: dict[str, int]) -> dict[str, str]:
+    """Sample key -> generated text for every fixed batch."""
+    out: dict[str, str] = {}
+    for b in batches:
+        out.update(zip(b.keys, vlm.generate(b.pixels, b.prompts, **gen), strict=True))
     return out
 
 
