@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evlgen.eval.vqa import few, matching_ids
+
 # Metric families, in report order. "bleu" yields bleu1..bleu4.
 METRICS: tuple[str, ...] = ("bleu", "meteor", "rouge_l", "cider", "spice")
 DEFAULT_METRICS: tuple[str, ...] = ("bleu", "meteor", "rouge_l", "cider")
@@ -427,22 +429,10 @@ def _resolve_metrics(metrics: Sequence[str], spice: bool) -> list[str]:
 
 def _validated_ids(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> list[str]:
     """Prediction ids in their given order, after checking both mappings cover the same, well-formed ids."""
-    if not isinstance(predictions, Mapping) or not isinstance(references, Mapping):
-        raise TypeError("predictions and references must be mappings from id to caption(s)")
-    if not predictions:
-        raise ValueError("no predictions to score")
-    problems = []
-    no_refs = [i for i in predictions if i not in references]
-    if no_refs:
-        problems.append(f"{len(no_refs)} prediction id(s) have no references, e.g. {_few(no_refs)}")
-    no_pred = [i for i in references if i not in predictions]
-    if no_pred:
-        problems.append(f"{len(no_pred)} reference id(s) have no prediction, e.g. {_few(no_pred)}")
-    if problems:
-        raise ValueError("prediction and reference ids differ: " + "; ".join(problems))
+    matching_ids(predictions, references, "references", "reference")
     not_str = [i for i, cap in predictions.items() if not isinstance(cap, str)]
     if not_str:
-        raise TypeError(f"predictions must be strings (one caption per id); not for {_few(not_str)}")
+        raise TypeError(f"predictions must be strings (one caption per id); not for {few(not_str)}")
     # A plain string here would be scored as a list of one-character references.
     bad_refs = [
         i
@@ -452,16 +442,11 @@ def _validated_ids(predictions: Mapping[str, str], references: Mapping[str, Sequ
         or not all(isinstance(r, str) for r in refs)
     ]
     if bad_refs:
-        raise TypeError(f"references must be lists of strings; not for {_few(bad_refs)}")
+        raise TypeError(f"references must be lists of strings; not for {few(bad_refs)}")
     empty = [i for i in predictions if len(references[i]) == 0]
     if empty:
-        raise ValueError(f"every prediction needs at least one reference; none for {_few(empty)}")
+        raise ValueError(f"every prediction needs at least one reference; none for {few(empty)}")
     return list(predictions)
-
-
-def _few(ids: Sequence[object], k: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:k])
-    return shown + (f" (and {len(ids) - k} more)" if len(ids) > k else "")
 
 
 def _tail(data: bytes, limit: int = 400) -> str:

@@ -159,11 +159,11 @@ def vqa_scores(
     each type to {"accuracy", "count"}. Accuracies are fractions in [0, 1] (the official script prints x100).
     See `vqa_accuracy` for the rule and the keyword arguments.
     """
-    ids = _validated_ids(predictions, answers)
+    ids = matching_ids(predictions, answers, "answers", "question")
     if question_types is not None:
         untyped = [i for i in ids if i not in question_types]
         if untyped:
-            raise ValueError(f"question_types lacks {len(untyped)} question id(s), e.g. {_few(untyped)}")
+            raise ValueError(f"question_types lacks {len(untyped)} question id(s), e.g. {few(untyped)}")
     accs = {
         i: _accuracy(
             _normalized(predictions[i], lemmatize), _references(answers[i], lemmatize, references_normalized)
@@ -235,24 +235,30 @@ def _accuracy(pred: str, refs: Sequence[str]) -> float:
     return total / len(refs)
 
 
-def _validated_ids(predictions: Mapping[str, str], answers: Mapping[str, Sequence[str]]) -> list[str]:
-    """Prediction ids in their given order, after checking both mappings cover the same ids."""
-    if not isinstance(predictions, Mapping) or not isinstance(answers, Mapping):
-        raise TypeError("predictions and answers must be mappings from question id")
+def matching_ids(
+    predictions: Mapping[str, object], truth: Mapping[str, object], truth_name: str, truth_id: str
+) -> list[str]:
+    """Prediction ids in their given order, after checking `predictions` and `truth` cover the same ids.
+
+    Shared by the caption and VQA scorers; `truth_name` ("references", "answers") and `truth_id`
+    ("reference", "question") only word the errors.
+    """
+    if not isinstance(predictions, Mapping) or not isinstance(truth, Mapping):
+        raise TypeError(f"predictions and {truth_name} must be mappings from id")
     if not predictions:
         raise ValueError("no predictions to score")
     problems = []
-    no_answers = [i for i in predictions if i not in answers]
-    if no_answers:
-        problems.append(f"{len(no_answers)} prediction id(s) have no answers, e.g. {_few(no_answers)}")
-    no_pred = [i for i in answers if i not in predictions]
+    no_truth = [i for i in predictions if i not in truth]
+    if no_truth:
+        problems.append(f"{len(no_truth)} prediction id(s) have no {truth_name}, e.g. {few(no_truth)}")
+    no_pred = [i for i in truth if i not in predictions]
     if no_pred:
-        problems.append(f"{len(no_pred)} question id(s) have no prediction, e.g. {_few(no_pred)}")
+        problems.append(f"{len(no_pred)} {truth_id} id(s) have no prediction, e.g. {few(no_pred)}")
     if problems:
-        raise ValueError("prediction and answer ids differ: " + "; ".join(problems))
+        raise ValueError(f"prediction and {truth_id} ids differ: " + "; ".join(problems))
     return list(predictions)
 
 
-def _few(ids: Sequence[object], k: int = 5) -> str:
+def few(ids: Sequence[object], k: int = 5) -> str:
     shown = ", ".join(repr(i) for i in ids[:k])
     return shown + (f" (and {len(ids) - k} more)" if len(ids) > k else "")
