@@ -12,6 +12,7 @@ captions; only the per-image caption counts of map-style sources grow with the n
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from evlgen.data.sources import (
     RecordError,
     WebDatasetSource,
     is_streaming,
+    iter_records,
     open_source,
 )
 from evlgen.data.transforms import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
@@ -229,21 +231,7 @@ class _MediaChecker:
 
 
 def _records(source: Any, limit: int | None) -> Iterator[Record | RecordError]:
-    def all_records() -> Iterator[Record | RecordError]:
-        if is_streaming(source):
-            for shard in source.shards:
-                yield from source.iter_shard(shard)
-            return
-        for i in range(len(source)):
-            try:
-                yield source.get(i)
-            except RecordError as err:
-                yield err
-
-    for n, rec in enumerate(all_records()):
-        if limit is not None and n >= limit:
-            return
-        yield rec
+    return itertools.islice(iter_records(source), limit)
 
 
 def _format_name(source: Any) -> str:

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from evlgen.config import Config, ConfigError, DatasetConfig
-from evlgen.data.sources import JsonlSource, RecordError, is_streaming, open_source
+from evlgen.data.sources import JsonlSource, iter_records, open_source
 from evlgen.fsutil import fsync_tree
 
 log = logging.getLogger(__name__)
@@ -187,10 +187,6 @@ def cache_features(
     k = max(views, 1)
     store = resolve_dtype(dtype)
     source = open_source(dataset, cache_dir)
-    if is_streaming(source):
-        records: Any = (r for shard in source.shards for r in source.iter_shard(shard))
-    else:
-        records = (_get(source, i) for i in range(len(source)))
 
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -230,7 +226,7 @@ def cache_features(
         batch.clear()
         flush_shard()
 
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(iter_records(source)):
         item, problem = None, None
         views_pixels = []
         for v in range(k):
@@ -290,10 +286,3 @@ def cache_features(
     }
     log.info("cached %d samples x %d views into %s (%d bad) in %.1f s", rows, k, out, num_bad, seconds)
     return summary
-
-
-def _get(source: Any, i: int) -> Any:
-    try:
-        return source.get(i)
-    except RecordError as e:
-        return e

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from evlgen.config import Config, ConfigError, DatasetConfig
 from evlgen.data.features import FeatureRecord
-from evlgen.data.sources import Record, RecordError, is_streaming, open_source
+from evlgen.data.sources import Record, RecordError, get_or_error, is_streaming, iter_records, open_source
 from evlgen.data.transforms import ImageLoadError, ImageTransform, load_image
 
 log = logging.getLogger(__name__)
@@ -349,11 +349,7 @@ class TrainStream(IterableDataset):
             epoch, offset = divmod(p, share)
             row = permute(self.rank + self.world_size * offset, n, derive(self.seed, d, epoch))
             g = sample_generator(self.seed, d, epoch, row)
-            try:
-                rec: Record | RecordError = src.get(row)
-            except RecordError as e:
-                rec = e
-            item, problem = load_one(self.maker, rec, g)
+            item, problem = load_one(self.maker, get_or_error(src, row), g)
             if item is not None:
                 items.append(item)
             else:
@@ -437,11 +433,7 @@ def make_loader(stream: TrainStream, num_workers: int, pin_memory: bool = False)
 def fixed_batches(source: Any, maker: SampleMaker, n: int, batch_size: int) -> tuple[list[Batch], int]:
     """The first n good samples of a dataset, eval transforms, as batches; also the bad-sample count."""
     items, bad = [], []
-    if is_streaming(source):
-        records: Iterator[Any] = (r for shard in source.shards for r in source.iter_shard(shard))
-    else:
-        records = (_get_or_error(source, i) for i in range(len(source)))
-    for rec in records:
+    for rec in iter_records(source):
         if len(items) >= n:
             break
         item, problem = load_one(maker, rec, None)
@@ -454,10 +446,3 @@ def fixed_batches(source: Any, maker: SampleMaker, n: int, batch_size: int) -> t
         for i in range(0, len(items), batch_size)
     ]
     return batches, len(bad)
-
-
-def _get_or_error(source: Any, i: int) -> Record | RecordError:
-    try:
-        return source.get(i)
-    except RecordError as e:
-        return e

@@ -49,7 +49,9 @@ __all__ = [
     "WebDatasetSource",
     "default_cache_dir",
     "expand_braces",
+    "get_or_error",
     "is_streaming",
+    "iter_records",
     "open_source",
     "parse_row",
     "resolve_shards",
@@ -426,6 +428,24 @@ class CocoSource:
 def is_streaming(source: object) -> bool:
     """True for shard-streaming sources (``shards`` + ``iter_shard``), False for map-style ones."""
     return isinstance(source, WebDatasetSource)
+
+
+def get_or_error(source: Any, i: int) -> Any:
+    """Row ``i`` of a map-style source, or the :class:`RecordError` it raised (to be counted, not raised)."""
+    try:
+        return source.get(i)
+    except RecordError as err:
+        return err
+
+
+def iter_records(source: Any) -> Iterator[Any]:
+    """Every row of any source in file order, bad rows as :class:`RecordError` values."""
+    if is_streaming(source):
+        for shard in source.shards:
+            yield from source.iter_shard(shard)
+    else:
+        for i in range(len(source)):
+            yield get_or_error(source, i)
 
 
 def _detect_format(path: str, label: str) -> str:
