@@ -190,6 +190,8 @@ def train(
 
     # -- run directory and resume point ---------------------------------------------------------
     ckpt = ckpt_io.resolve_resume(resume, run_dir)
+    state = ckpt_io.load_state(ckpt) if ckpt is not None else None
+    start = int(state["step"]) if state is not None else 0
     saved_cfg = run_dir / "config.yaml"
     if ckpt is None and ckpt_io.list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume auto, or choose another --out")
@@ -205,7 +207,7 @@ def train(
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, saved_cfg)
-        truncate_metrics(run_dir, 0 if ckpt is None else ckpt_io.load_state(ckpt)["step"])
+        truncate_metrics(run_dir, start)
     dist.barrier()
 
     # -- model and optimizer ----------------------------------------------------------------------
@@ -227,15 +229,13 @@ def train(
     optimizer = build_optimizer(vlm.trainable_named_parameters(), tc)
     scaler = torch.amp.GradScaler(device.type, enabled=prec.scaler)
     counters = Counters()
-    start = 0
     if ckpt is not None:
-        state = ckpt_io.load_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start = int(state["step"])
         counters = Counters(**state["counters"])
         same_layout = _check_layout(state, dist, cfg)
+        del state  # no longer needed: the optimizer has taken what it needs
         log.info("resuming from %s at step %d", ckpt, start)
     else:
         torch.manual_seed(cfg.seed + dist.rank)  # dropout differs across ranks
@@ -290,7 +290,7 @@ def train(
         )
 
     def save(step: int) -> None:
-        state = {
+        snapshot = {
             "step": step,
             "data_position": step * tc.grad_accum,
             "optimizer": optimizer.state_dict(),
@@ -298,7 +298,7 @@ def train(
             "counters": dataclasses.asdict(counters),
             "layout": _layout(dist, cfg),
         }
-        ckpt_io.save_checkpoint(run_dir, step, vlm, state, dist, tc.keep_last)
+        ckpt_io.save_checkpoint(run_dir, step, vlm, snapshot, dist, tc.keep_last)
 
     # -- loop ---------------------------------------------------------------------------------------
     loader = make_loader(stream, dc.num_workers, pin_memory=device.type == "cuda")
