@@ -608,7 +608,7 @@ def test_open_source_errors(tmp_path, jsonl_file):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="cannot tell the format"):
         open_source(DatasetConfig(path=str(tmp_path / "data.csv")), cache)
-    with pytest.raises(ValueError, match="split='train' only applies to the coco format"):
+    with pytest.raises(ValueError, match="split='train' only applies to the coco, msrvtt and msvd formats"):
         open_source(DatasetConfig(path=str(jsonl_file), split="train"), cache)
     empty = tmp_path / "emptydir"
     empty.mkdir()

@@ -160,7 +160,13 @@ def _data_check(args: argparse.Namespace) -> int:
     from evlgen.data.check import main_check
 
     return main_check(
-        args.path, format=args.format, root=args.root, split=args.split, as_json=args.json, limit=args.limit
+        args.path,
+        format=args.format,
+        root=args.root,
+        split=args.split,
+        as_json=args.json,
+        limit=args.limit,
+        annotations=args.annotations,
     )
 
 
@@ -275,10 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser(
         "check", help="validate a dataset and print counts, problems and caption statistics"
     )
-    p.add_argument("path", help="JSONL file, COCO JSON, WebDataset shards (file, folder, glob or {a..b})")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "coco", "webdataset"])
+    p.add_argument(
+        "path", help="JSONL file, COCO JSON, benchmark file, WebDataset shards (file, folder, glob or {a..b})"
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "jsonl", "coco", "webdataset", "vqav2", "okvqa", "gqa", "msrvtt", "msvd"],
+    )
     p.add_argument("--root", default=None, help="folder relative image paths are under")
-    p.add_argument("--split", default=None, help="COCO Karpathy split (train, val, test)")
+    p.add_argument(
+        "--split", default=None, help="COCO Karpathy split (train, val, test); MSR-VTT / MSVD split"
+    )
+    p.add_argument("--annotations", default=None, help="VQAv2 / OK-VQA annotations file for the questions")
     p.add_argument("--limit", type=int, default=None, help="check only the first N rows")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=_data_check)

@@ -99,15 +99,24 @@ class DatasetConfig:
     Formats: `jsonl` (one JSON object per line, paths relative to `root`), `coco` (a Karpathy split
     file `dataset_coco.json` or an official `captions_*.json`; images under `root`), `webdataset`
     (tar shards in the img2dataset layout: a file, a folder, a glob or a `{000..099}` brace range),
-    `features` (a cache written by `evlgen cache-features`). `auto` decides from the path.
+    `features` (a cache written by `evlgen cache-features`). Benchmark files (docs/data.md): `vqav2`
+    (`okvqa` is the same reader) with an optional `annotations` file, `gqa`, `msrvtt`, `msvd`. `auto`
+    decides from the path and, for `.json`/`.txt`, the file's first bytes.
     """
 
     path: str
-    format: Literal["auto", "jsonl", "coco", "webdataset", "features"] = "auto"
+    format: Literal[
+        "auto", "jsonl", "coco", "webdataset", "features", "vqav2", "okvqa", "gqa", "msrvtt", "msvd"
+    ] = "auto"
     # Folder that relative image/video paths are resolved against (default: the annotation file's folder).
     root: str | None = None
-    # COCO Karpathy split: train (includes restval), val or test. None = every image in the file.
+    # coco: Karpathy split, train (includes restval), val or test. msrvtt: the videos' split (train,
+    # validate or its alias val, test). msvd: train, val, test, or a text file of video names.
+    # None = every row in the file.
     split: str | None = None
+    # vqav2/okvqa: the official annotations file (answers) paired with the questions file in `path`;
+    # None = questions only (test-dev), usable for prediction but not for training or scoring.
+    annotations: str | None = None
     # Mixing ratio among the training datasets (normalised; the paper mixes 15:4:1).
     weight: float = 1.0
     name: str | None = None

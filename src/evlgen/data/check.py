@@ -235,6 +235,10 @@ def _records(source: Any, limit: int | None) -> Iterator[Record | RecordError]:
 
 
 def _format_name(source: Any) -> str:
+    from evlgen.data.benchmarks import BenchmarkSource
+
+    if isinstance(source, BenchmarkSource):
+        return source.format
     if isinstance(source, CocoSource):
         return "coco"
     if isinstance(source, JsonlSource):
@@ -397,13 +401,14 @@ def main_check(
     split: str | None = None,
     as_json: bool = False,
     limit: int | None = None,
+    annotations: str | None = None,
 ) -> int:
     """Check one dataset and print the report (text or JSON) to stdout.
 
     Returns 0 when no problems were found, 1 when some were, and 2 when the dataset cannot be opened
     (the reason is printed to stderr).
     """
-    ds = DatasetConfig(path=path, format=format, root=root, split=split)  # type: ignore[arg-type]
+    ds = DatasetConfig(path=path, format=format, root=root, split=split, annotations=annotations)  # type: ignore[arg-type]
     try:
         report = check_dataset(ds, limit=limit)
     except (FileNotFoundError, ValueError, NotImplementedError, OSError) as exc:

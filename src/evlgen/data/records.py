@@ -7,11 +7,17 @@ becomes a :class:`RecordError` whose message starts with a location a person can
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["MapSource", "Record", "RecordError", "parse_row", "text_fields"]
+__all__ = ["META_FIELDS", "MapSource", "Record", "RecordError", "parse_row", "text_fields"]
+
+# Row fields copied into ``Record.meta`` when they hold a string or an integer: what scoring and
+# prediction files need beyond the text (EvalAI wants question ids, NoCaps CIDEr is reported per
+# domain, VQAv2 accuracy per answer type).
+META_FIELDS: tuple[str, ...] = ("question_id", "image_id", "domain", "answer_type", "question_type")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,9 @@ class Record:
     answers: tuple[str, ...] = ()
     # File name of the image inside a shard (e.g. "000123.jpg"), for messages and decoder hints.
     name: str | None = None
+    # The row's META_FIELDS that are set (e.g. {"question_id": 262148000, "answer_type": "other"}).
+    # Left out of the hash so that a Record stays hashable.
+    meta: dict[str, str | int] = dataclasses.field(default_factory=dict, hash=False)
 
 
 class RecordError(ValueError):
@@ -79,8 +88,15 @@ def _strings(value: Any, field: str, where: str) -> list[str]:
     raise RecordError(where, f"bad {field}", f"expected a string or a list, got {type(value).__name__}")
 
 
-def text_fields(obj: dict[str, Any], where: str) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
-    """Captions, question and answers of a row, validated and stripped."""
+def text_fields(
+    obj: dict[str, Any], where: str, require_references: bool = True
+) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+    """Captions, question and answers of a row, validated and stripped.
+
+    With ``require_references=False`` a row may have no caption (an image to caption) and a question
+    may have no answers (VQA test-dev): such rows can be predicted on, not trained or scored on. A
+    caption or question that is present but empty is still an error.
+    """
     captions: list[str] = []
     seen_caption_field = False
     for field in ("caption", "captions"):
@@ -107,10 +123,10 @@ def text_fields(obj: dict[str, Any], where: str) -> tuple[tuple[str, ...], str |
         answers = (
             tuple(a.strip() for a in _strings(raw, "answers", where) if a.strip()) if raw is not None else ()
         )
-        if not answers:
+        if not answers and require_references:
             raise RecordError(where, "question without answers")
         question = question.strip()
-    if not captions and question is None:
+    if not captions and question is None and require_references:
         raise RecordError(where, "no caption or question")
     return tuple(captions), question, answers
 
@@ -123,10 +139,22 @@ def _resolve(value: Any, field: str, root: str, where: str) -> str:
     return value if os.path.isabs(value) else os.path.join(root, value)
 
 
-def parse_row(obj: Any, location: str, key: str, root: str) -> Record:
+def _meta(obj: dict[str, Any]) -> dict[str, str | int]:
+    # Metadata never decides whether a row can be trained on, so a value of another type is dropped
+    # rather than turned into an error that would cost a usable sample.
+    return {
+        name: value
+        for name in META_FIELDS
+        if isinstance(value := obj.get(name), str | int) and not isinstance(value, bool)
+    }
+
+
+def parse_row(obj: Any, location: str, key: str, root: str, *, require_references: bool = True) -> Record:
     """Validate one decoded JSON row and resolve its paths against ``root``.
 
-    ``key`` is used when the row has no ``"id"``. Raises :class:`RecordError` naming ``location``.
+    ``key`` is used when the row has no ``"id"``. ``require_references=False`` accepts rows without
+    captions or answers, for prediction (see :func:`text_fields`). Raises :class:`RecordError` naming
+    ``location``.
     """
     if not isinstance(obj, dict):
         raise RecordError(location, "not a JSON object", f"got {type(obj).__name__}")
@@ -137,7 +165,7 @@ def parse_row(obj: Any, location: str, key: str, root: str) -> Record:
         raise RecordError(location, "no image or video")
     image_path = _resolve(image, "image", root, location) if image is not None else None
     video_path = _resolve(video, "video", root, location) if video is not None else None
-    captions, question, answers = text_fields(obj, location)
+    captions, question, answers = text_fields(obj, location, require_references)
     row_id = obj.get("id")
     return Record(
         location=location,
@@ -147,4 +175,5 @@ def parse_row(obj: Any, location: str, key: str, root: str) -> Record:
         captions=captions,
         question=question,
         answers=answers,
+        meta=_meta(obj),
     )

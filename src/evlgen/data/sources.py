@@ -4,7 +4,8 @@ Three kinds of source, two interfaces:
 
 * map-style (``len(source)`` and ``source.get(i)``): :class:`JsonlSource` over a JSON-lines file, and
   :class:`CocoSource` over a COCO-style ``.json`` (Karpathy split file, official captions file, or a
-  LAVIS-style array of rows), which is converted once into a cached JSON-lines file;
+  LAVIS-style array of rows), which is converted once into a cached JSON-lines file; the benchmark
+  files (VQAv2 / OK-VQA, GQA, MSR-VTT, MSVD) are read the same way by ``benchmarks.py``;
 * streaming (``source.shards`` and ``source.iter_shard(shard)``): :class:`WebDatasetSource` over tar
   shards in the img2dataset layout (defined in ``webdataset.py``, re-exported here).
 
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 # Bumped whenever the layout of cached index or conversion files changes, so stale caches are ignored.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 # Byte -> "not JSON whitespace"; a line with no such byte is blank and gets no index entry.
 _SOLID = np.ones(256, dtype=bool)
@@ -102,7 +103,7 @@ def _signature(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _cache_name(path: str, variant: str, signature: tuple[int, int], suffix: str) -> tuple[str, str]:
+def _cache_name(path: str, variant: str, signature: tuple[int, ...], suffix: str) -> tuple[str, str]:
     """(file name, glob matching every version of it): one file per path/variant, versioned by stat."""
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem)[:40]
     stable = f"{slug}-{_digest(_CACHE_VERSION, path, variant)}"
@@ -191,12 +192,18 @@ class JsonlSource:
 
     Relative paths are resolved against ``root`` (default: the file's folder). The line-offset index is
     built on first open and reused until the file's size or modification time changes.
+    ``require_references=False`` accepts rows without captions or answers (for prediction).
     """
 
     def __init__(
-        self, path: str | Path, root: str | Path | None = None, cache_dir: str | Path | None = None
+        self,
+        path: str | Path,
+        root: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        require_references: bool = True,
     ) -> None:
         self.path, self.root = _annotation_paths(path, root)
+        self.require_references = require_references
         self._signature = _signature(self.path)
         self.index_path = str(_build_index(self.path, self._signature, cache_dir))
         self._fp: Any = None
@@ -277,7 +284,9 @@ class JsonlSource:
 
     def get(self, i: int) -> Record:
         obj, line = self.read_json(i)
-        return parse_row(obj, f"{self.path}:{line}", str(line), self.root)
+        return parse_row(
+            obj, f"{self.path}:{line}", str(line), self.root, require_references=self.require_references
+        )
 
     def __repr__(self) -> str:
         return f"JsonlSource({self.path!r}, rows={self._len})"
@@ -331,6 +340,9 @@ def _official_rows(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
         row: dict[str, Any] = {"id": image_id, "image": img.get("file_name")}
         if image_id in by_image:
             row["captions"] = by_image[image_id]
+        # NoCaps images carry their domain (in-domain, near-domain, out-domain); CIDEr is reported per domain.
+        if isinstance(img.get("domain"), str):
+            row["domain"] = img["domain"]
         yield {"where": f"image id {image_id}", "key": str(image_id), "row": row}
 
 
@@ -346,7 +358,10 @@ def _coco_rows(path: str, split: str | None) -> Iterator[dict[str, Any]]:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 ({exc})") from None
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        if "annotations" in data:
+        first = next((img for img in data["images"] if isinstance(img, dict)), {})
+        # Image-info files of unlabelled test splits (COCO test2014, NoCaps test) are official files
+        # without "annotations"; their images have "file_name" where Karpathy's have "filename".
+        if "annotations" in data or "file_name" in first:
             if split is not None:
                 raise ValueError(f"{path}: split={split!r} only applies to a Karpathy dataset_coco.json file")
             return _official_rows(data)
@@ -388,7 +403,8 @@ class CocoSource:
     The JSON is parsed once and rewritten as a cached JSON-lines file; later opens (and workers) read
     that through a :class:`JsonlSource`. Locations point into the original file
     (``/abs/dataset_coco.json:images[17] (id 391895)``). Images are resolved against ``root``
-    (default: the JSON file's folder).
+    (default: the JSON file's folder). ``require_references=False`` accepts images without captions
+    (a test split, for prediction).
     """
 
     def __init__(
@@ -397,9 +413,11 @@ class CocoSource:
         root: str | Path | None = None,
         split: str | None = None,
         cache_dir: str | Path | None = None,
+        require_references: bool = True,
     ) -> None:
         self.path, self.root = _annotation_paths(path, root)
         self.split = split
+        self.require_references = require_references
         self.converted_path = str(_convert_coco(self.path, split, cache_dir))
         self._rows = JsonlSource(self.converted_path, root=self.root, cache_dir=cache_dir)
 
@@ -412,7 +430,8 @@ class CocoSource:
         if not isinstance(wrapped, dict) or "row" not in wrapped:
             raise RecordError(f"{self.converted_path}:{line}", "damaged conversion cache")
         where = f"{self.path}:{wrapped.get('where', f'row {line}')}"
-        return parse_row(wrapped["row"], where, str(wrapped.get("key", line)), self.root)
+        key = str(wrapped.get("key", line))
+        return parse_row(wrapped["row"], where, key, self.root, require_references=self.require_references)
 
     def close(self) -> None:
         self._rows.close()
@@ -464,22 +483,35 @@ def _detect_format(path: str, label: str) -> str:
     lower = path.lower()
     if lower.endswith(".jsonl"):
         return "jsonl"
-    if lower.endswith(".json"):
-        return "coco"
+    if lower.endswith((".json", ".txt")):
+        from evlgen.data.benchmarks import detect_benchmark
+
+        found = detect_benchmark(path)
+        if found is not None:
+            return found
+        if lower.endswith(".json"):
+            return "coco"
     if lower.endswith((".tar", ".tar.gz", ".tgz")):
         return "webdataset"
     raise ValueError(
         f"dataset {label}: cannot tell the format of {path} from its name; "
-        "set format to jsonl, coco or webdataset"
+        "set format to jsonl, coco, webdataset, vqav2, gqa, msrvtt or msvd"
     )
 
 
-def open_source(ds: DatasetConfig, cache_dir: str | Path | None = None) -> Any:
-    """The reader for one configured dataset (JSONL, COCO, WebDataset or a feature cache).
+def open_source(
+    ds: DatasetConfig, cache_dir: str | Path | None = None, *, require_references: bool = True
+) -> Any:
+    """The reader for one configured dataset (JSONL, COCO, a benchmark file, WebDataset or features).
 
-    ``format="auto"`` is decided from the path. Raises ``FileNotFoundError`` for a missing path and
-    ``ValueError`` for a setting the format cannot honour.
+    ``format="auto"`` is decided from the path (and, for ``.json``/``.txt``, the file's first bytes).
+    ``require_references=False`` lets annotation-file readers return rows without captions or answers,
+    for prediction on test splits; training keeps the default. Raises ``FileNotFoundError`` for a
+    missing path and ``ValueError`` (``ConfigError`` for a missing ``annotations`` file) for a setting
+    the format cannot honour.
     """
+    from evlgen.data.benchmarks import BENCHMARK_FORMATS, SPLIT_FORMATS, open_benchmark
+
     path = os.path.expanduser(ds.path)
     label = repr(ds.name or ds.path)
     fmt = _detect_format(path, label) if ds.format == "auto" else ds.format
@@ -487,8 +519,15 @@ def open_source(ds: DatasetConfig, cache_dir: str | Path | None = None) -> Any:
         from evlgen.data.features import FeatureSource
 
         return FeatureSource(path)
-    if ds.split is not None and fmt != "coco":
-        raise ValueError(f"dataset {label}: split={ds.split!r} only applies to the coco format (got {fmt})")
+    if ds.split is not None and fmt not in ("coco", *SPLIT_FORMATS):
+        raise ValueError(
+            f"dataset {label}: split={ds.split!r} only applies to the coco, msrvtt and msvd formats "
+            f"(got {fmt})"
+        )
+    if ds.annotations is not None and fmt not in ("vqav2", "okvqa"):
+        raise ValueError(
+            f"dataset {label}: annotations only applies to the vqav2 and okvqa formats (got {fmt})"
+        )
     if fmt == "webdataset":
         try:
             return WebDatasetSource(path)
@@ -497,7 +536,11 @@ def open_source(ds: DatasetConfig, cache_dir: str | Path | None = None) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset {label}: {path} does not exist")
     if fmt == "jsonl":
-        return JsonlSource(path, root=ds.root, cache_dir=cache_dir)
+        return JsonlSource(path, root=ds.root, cache_dir=cache_dir, require_references=require_references)
     if fmt == "coco":
-        return CocoSource(path, root=ds.root, split=ds.split, cache_dir=cache_dir)
+        return CocoSource(
+            path, root=ds.root, split=ds.split, cache_dir=cache_dir, require_references=require_references
+        )
+    if fmt in BENCHMARK_FORMATS:
+        return open_benchmark(ds, fmt, label, cache_dir, require_references)
     raise ValueError(f"dataset {label}: unknown format {fmt!r}")
