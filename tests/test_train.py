@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from evlgen.config import ConfigError, load_config
@@ -144,6 +145,16 @@ def test_resume_with_a_different_model_names_the_key(tmp_path, data):
     with pytest.raises(ConfigError, match=r"connector.r: 4 -> 2"):
         train(cfg_for(data, "train.steps=12", "connector.r=2"), tmp_path, resume="auto")
     # Changing only the length of the run is allowed.
+    assert train(cfg_for(data, "train.steps=8"), tmp_path, resume="auto")["steps"] == 8
+
+
+def test_resume_a_run_saved_before_a_config_key_existed(tmp_path, data):
+    train(cfg_for(data, "train.steps=6"), tmp_path)
+    saved = tmp_path / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    for ds in old["data"]["train"]:
+        del ds["annotations"]  # a key added later, at its default
+    saved.write_text(yaml.safe_dump(old))
     assert train(cfg_for(data, "train.steps=8"), tmp_path, resume="auto")["steps"] == 8
 
 

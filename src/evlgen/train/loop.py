@@ -22,7 +22,7 @@ import yaml
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from evlgen.config import Config, ConfigError, dump_yaml, to_dict
+from evlgen.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from evlgen.data.features import FeatureSource, tower_digest
 from evlgen.data.pipeline import (
     Batch,
@@ -80,7 +80,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(cfg: Config, saved_path: Path) -> None:
     """A resumed run must compute what the saved run computed; list every key that differs otherwise."""
-    saved = _flat(yaml.safe_load(saved_path.read_text()))
+    try:  # through the loader, so keys added since the run was saved compare as their defaults
+        saved = _flat(to_dict(load_config(str(saved_path))))
+    except ConfigError:
+        saved = _flat(yaml.safe_load(saved_path.read_text()))
     now = _flat(to_dict(cfg))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     bad = [k for k in changed if k not in RESUMABLE_CHANGES]
