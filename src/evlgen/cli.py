@@ -10,6 +10,9 @@ Subcommands:
   bench train|data PRESET                benchmarks (step breakdown, data pipeline images/s)
   synth --out DIR                        generate the synthetic world
   demo [--out DIR]                       world -> backbones -> EVLGen training -> held-out evaluation
+  eval CONFIG --checkpoint DIR           benchmark scores + official submission files (torchrun for ranks)
+  caption --checkpoint DIR FILE...       captions for images or videos
+  vqa --checkpoint DIR FILE... -q Q      answers to a question about images or videos
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 from evlgen.config import ConfigError, list_presets, load_config
 
@@ -156,6 +161,56 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from evlgen.eval.run import run_eval, table
+    from evlgen.train import distributed
+
+    cfg = load_config(args.config, args.overrides)
+    dist = distributed.init(args.backend)
+    try:
+        out = args.out or str(Path(args.checkpoint) / f"eval-{cfg.name}")
+        metrics = run_eval(cfg, args.checkpoint, out, task=args.task, dist=dist, cache_dir=args.cache_dir)
+    finally:
+        distributed.shutdown()
+    if metrics:  # rank 0
+        print(table(metrics, metrics.get("paper", {})))
+        print(
+            f"{metrics['samples']} samples ({metrics['bad_samples']} bad) at {metrics['samples_per_s']}/s; "
+            f"predictions and metrics in {out}"
+        )
+    return 0
+
+
+def _load_for_inference(checkpoint: str) -> Any:
+    import torch
+
+    from evlgen.model.vlm import VLM
+
+    vlm = VLM.from_pretrained(checkpoint).eval()
+    return vlm.to("cuda") if torch.cuda.is_available() else vlm
+
+
+def _caption(args: argparse.Namespace) -> int:
+    vlm = _load_for_inference(args.checkpoint)
+    gen = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    texts = vlm.caption(args.files, prompt=args.prompt, batch_size=args.batch_size, **gen)
+    for path, text in zip(args.files, texts, strict=True):
+        print(json.dumps({"file": path, "caption": text}) if args.json else f"{path}\t{text}")
+    return 0
+
+
+def _vqa(args: argparse.Namespace) -> int:
+    vlm = _load_for_inference(args.checkpoint)
+    files = args.files
+    questions = args.question if len(args.question) == len(files) else args.question * len(files)
+    if len(args.question) not in (1, len(files)):
+        raise ConfigError(f"{len(files)} files but {len(args.question)} questions: give one, or one per file")
+    gen = {"num_beams": args.beams} if args.beams else {}
+    for path, q, a in zip(files, questions, vlm.answer(files, questions, **gen), strict=True):
+        print(json.dumps({"file": path, "question": q, "answer": a}) if args.json else f"{path}\t{q}\t{a}")
+    return 0
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from evlgen.data.check import main_check
 
@@ -275,6 +330,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (report.md, metrics.json, PNGs)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "eval", help="score a checkpoint on a benchmark split and write the official submission files"
+    )
+    p.add_argument("config", help="eval preset (e.g. eval-coco-caption) or YAML path with an `eval:` section")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. eval.data.root=/data/coco eval.batch_size=32"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a model directory (run/model or a checkpoint's model/)"
+    )
+    p.add_argument(
+        "--task", default=None, choices=["caption", "vqa", "video-caption"], help="default: eval.task"
+    )
+    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval-<config name>)")
+    p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"])
+    p.add_argument("--cache-dir", default=None, help="where annotation indexes are kept")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("caption", help="caption image or video files with a trained model")
+    p.add_argument("files", nargs="+", help="images (jpg, png, ...) or short videos (mp4, avi, ...)")
+    p.add_argument("--checkpoint", required=True, help="a model directory (save_pretrained)")
+    p.add_argument("--prompt", default=None, help="default: the model's caption.prompt")
+    p.add_argument("--beams", type=int, default=None, help="default: the model's caption.num_beams")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("vqa", help="answer a question about image or video files")
+    p.add_argument("files", nargs="+", help="images or videos, then the question (one, or one per file)")
+    p.add_argument("--question", "-q", action="append", required=True, help="repeatable: one per file")
+    p.add_argument("--checkpoint", required=True, help="a model directory (save_pretrained)")
+    p.add_argument("--beams", type=int, default=None, help="default: the model's vqa.num_beams")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_vqa)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

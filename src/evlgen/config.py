@@ -177,6 +177,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """What `evlgen eval` scores: one benchmark split, its task and the scorer's options."""
+
+    # caption: the `caption` decoding settings; vqa: the `vqa` ones; video-caption: captions of clips.
+    task: Literal["caption", "vqa", "video-caption"] = "caption"
+    data: DatasetConfig | None = None
+    batch_size: int = 16
+    # Caption metrics (pycocoevalcap); SPICE runs only when its models are installed (never downloads).
+    metrics: tuple[str, ...] = ("bleu", "meteor", "rouge_l", "cider", "spice")
+    # Score only the first N samples (a quick check); null = the whole split.
+    max_samples: int | None = None
+    # OK-VQA as in the paper's setup: lemmatise predicted answers (needs spaCy's en_core_web_sm; the
+    # report says so when it is not installed, and scores without).
+    lemmatize: bool = False
+    # The paper's figure for this benchmark (fractions, e.g. {cider: 1.45}), printed beside ours.
+    reference: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: model parts, how it decodes, what it trains on and how."""
 
@@ -193,6 +212,7 @@ class Config:
     )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------

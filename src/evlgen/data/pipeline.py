@@ -171,7 +171,7 @@ class SampleMaker:
                 i = int(torch.argmax(weights).item())
             else:
                 i = int(torch.multinomial(weights, 1, generator=g).item())
-            return _format_prompt(self.vqa_prompt, rec.question), choices[i]
+            return format_prompt(self.vqa_prompt, rec.question), choices[i]
         captions = [c.strip() for c in rec.captions if c and c.strip()]
         if not captions:
             raise SampleError("empty caption")
@@ -203,7 +203,7 @@ class SampleMaker:
         return self.pixels(rec, g), prompt, target
 
 
-def _format_prompt(template: str, question: str) -> str:
+def format_prompt(template: str, question: str) -> str:
     return template.format(question) if "{}" in template else f"{template}{question}"
 
 

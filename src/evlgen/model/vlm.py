@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +125,18 @@ class VLM(nn.Module):
         """Decoded continuations of each prompt; kwargs go to FrozenLM.generate (num_beams, ...)."""
         prefix, mask = self.encode(pixels, features)
         return self.llm.generate(prefix, prompts, prefix_mask=mask, **kwargs)
+
+    def caption(self, items: list[Any], **kwargs: Any) -> list[str]:
+        """Captions for image / video files or PIL images; see `evlgen.infer.caption`."""
+        from evlgen.infer import caption
+
+        return caption(self, items, **kwargs)
+
+    def answer(self, items: list[Any], questions: list[str], **kwargs: Any) -> list[str]:
+        """Answers to one question per image / video; see `evlgen.infer.answer`."""
+        from evlgen.infer import answer
+
+        return answer(self, items, questions, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------
 
