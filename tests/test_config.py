@@ -103,3 +103,13 @@ def test_unparsable_override_value_names_the_override():
         ConfigError, match=r"override 'vision.arch=\{image_size: 224,': the value is not valid YAML"
     ):
         load_config("tiny", ["vision.arch={image_size: 224,"])
+
+
+def test_exponent_without_a_dot_is_a_number_for_float_keys_only():
+    # YAML 1.1 reads 4e-3 as a string; for a float key it means 0.004.
+    assert load_config("tiny", ["train.lr=4e-3"]).train.lr == 0.004
+    assert load_config("tiny", ["train.min_lr=-1E+2"]).train.min_lr == -100.0
+    with pytest.raises(ConfigError, match="'train.steps' must be an integer, got '1e3'"):
+        load_config("tiny", ["train.steps=1e3"])
+    with pytest.raises(ConfigError, match="'train.lr' must be a number, got 'e-3'"):
+        load_config("tiny", ["train.lr=e-3"])

@@ -10,6 +10,7 @@ A preset may start from another with `base: NAME`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,6 +250,7 @@ def _at(path: str) -> str:
     return f" under '{path[:-1]}'" if path else ""
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _SCALARS: dict[type, tuple[str, tuple[type, ...]]] = {
     bool: ("true or false", (bool,)),
     int: ("an integer", (int,)),
@@ -294,6 +296,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
         return dict(value)
+    if tp is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        # YAML 1.1 reads `4e-3` (no dot in the mantissa) as a string; it is plainly meant as a number.
+        return float(value)
     if tp in _SCALARS:
         what, kinds = _SCALARS[tp]
         # bool is an int subclass in Python; `seed: true` must still be an error.
