@@ -165,14 +165,24 @@ def draw_shape(
         raise ValueError(f"unknown shape {shape!r}")
 
 
+def centre(o: Obj) -> tuple[float, float]:
+    """(x, y) of an object's centre as fractions of the image side."""
+    return (2 * POSITIONS.index(o.position) + 1) / 6 + o.dx, 0.5 + o.dy
+
+
+def half_extent(o: Obj) -> float:
+    """Half the side of a square around :func:`centre` that holds the whole shape (image fractions)."""
+    return RADIUS[o.size] * _EXTENT
+
+
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """The scene as an RGB image of ``size`` x ``size`` pixels (a pure function of the scene)."""
     big = size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for o in scene.objects:
-        cx = (2 * POSITIONS.index(o.position) + 1) / 6 + o.dx
-        draw_shape(draw, o.shape, o.colour, cx * big, (0.5 + o.dy) * big, RADIUS[o.size] * big)
+        cx, cy = centre(o)
+        draw_shape(draw, o.shape, o.colour, cx * big, cy * big, RADIUS[o.size] * big)
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 

@@ -1,0 +1,64 @@
+"""The synthetic world's backbone recipe: dense patch targets and the LM's length-bucketed sampler."""
+
+import torch
+
+from evlgen.synth import world
+from evlgen.synth.backbones import _length_bucketed, patch_targets
+
+BG = (len(world.SHAPES), len(world.COLOURS), len(world.SIZES))
+
+
+def test_patch_targets_hand_checked_centred_object():
+    # centre (0.5, 0.5), half extent 7.5/64 * 1.25 = 0.146: of the patch centres (k + 0.5) / 8 only
+    # 0.4375 and 0.5625 are that close, so rows 3-4 x columns 3-4 = tokens 27, 28, 35, 36.
+    scene = world.Scene((world.Obj("star", "blue", "large", "middle"),))
+    targets = patch_targets([scene], 8)[0]  # [64, 3]
+    labelled = {i for i in range(64) if tuple(targets[i].tolist()) != BG}
+    assert labelled == {27, 28, 35, 36}
+    star = (world.SHAPES.index("star"), world.COLOURS.index("blue"), world.SIZES.index("large"))
+    assert all(tuple(targets[i].tolist()) == star for i in labelled)
+
+
+def test_patch_targets_follow_the_rendered_pixels_in_token_order():
+    # Off-centre objects: a row / column mix-up or a wrong centre would label the wrong patches.
+    scene = world.Scene(
+        (
+            world.Obj("square", "red", "large", "left", dx=0.02, dy=-0.15),
+            world.Obj("circle", "yellow", "small", "right", dx=-0.03, dy=0.12),
+        )
+    )
+    targets = patch_targets([scene], 8)[0]  # [64, 3]
+    pixels = torch.tensor(list(world.render(scene, 64).getdata())).view(8, 8, 8, 8, 3)  # [gy, y, gx, x, 3]
+    for o in scene.objects:
+        rgb = torch.tensor(world.RGB[o.colour])
+        hits = (pixels == rgb).all(-1).permute(0, 2, 1, 3).flatten(2).sum(-1).flatten()  # [64] per patch
+        mine = {i for i in range(64) if targets[i, 1] == world.COLOURS.index(o.colour)}
+        assert mine, o
+        assert all(hits[i] > 0 for i in mine), (o, mine, hits.nonzero().flatten().tolist())
+        assert int(hits.argmax()) in mine  # the patch the object fills most is labelled with it
+        assert all(targets[i, 0] == world.SHAPES.index(o.shape) for i in mine)
+    assert (targets[:, 0] == BG[0]).sum() == 64 - sum(
+        1 for i in range(64) if tuple(targets[i].tolist()) != BG
+    )
+
+
+def test_length_bucketed_visits_every_sequence_once_per_epoch_with_little_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 60, (1000,), generator=g).tolist()
+    batches = _length_bucketed(lengths, 32, torch.Generator().manual_seed(1))
+    epoch: list[list[int]] = []
+    while sum(map(len, epoch)) < 1000:
+        epoch.append(next(batches))
+    assert sorted(i for b in epoch for i in b) == list(range(1000))  # once each, nothing extra
+    assert sorted(next(batches) + next(batches)) != sorted(epoch[0] + epoch[1])  # a fresh order next
+    padding = sum(max(lengths[i] for i in b) - lengths[i] for b in epoch for i in b) / sum(map(len, epoch))
+    shuffled = torch.randperm(1000, generator=g).tolist()
+    random_padding = (
+        sum(
+            max(lengths[i] for i in shuffled[k : k + 32]) - lengths[i]
+            for k in range(0, 1000, 32)
+            for i in shuffled[k : k + 32]
+        )
+        / 1000
+    )
+    assert padding < 0.25 * random_padding, (padding, random_padding)
