@@ -4,6 +4,8 @@ import json
 
 from PIL import Image
 
+from evlgen.config import load_config
+from evlgen.eval.run import run_eval
 from evlgen.synth.backbones import Recipe
 from evlgen.synth.demo import run_demo
 
@@ -38,6 +40,14 @@ def test_demo_smoke_writes_everything_and_is_deterministic(tmp_path):
     Image.open(out / "loss.png").verify()
     Image.open(out / "samples.png").verify()
     assert "| CIDEr |" in (out / "report.md").read_text()
+
+    # `evlgen eval eval-demo` on the saved model reproduces the demo's own test scores.
+    decoding = [o for o in FAST if o.startswith(("caption.", "vqa."))]
+    cfg = load_config("eval-demo", [f"eval.data.path={out / 'world' / 'test.jsonl'}", *decoding])
+    again = run_eval(cfg, out / "run" / "model", tmp_path / "eval", cache_dir=str(cache))
+    assert again["scores"]["cider"] == saved["test"]["cider"]
+    assert again["scores"]["bleu4"] == saved["test"]["bleu4"]
+    assert "meteor" in again["ran"]  # the eval config adds METEOR, which the demo skips for time
 
     backbones = next((cache / "synth-backbones").iterdir())
     stamp = (backbones / "recipe.json").stat().st_mtime_ns

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,9 +23,8 @@ from typing import Any
 
 import torch
 
-from evlgen.config import Config, GenerateConfig, load_config
-from evlgen.data.pipeline import fixed_batches, make_sample_maker
-from evlgen.data.sources import JsonlSource
+from evlgen.config import Config, DatasetConfig, load_config
+from evlgen.eval.run import generation_kwargs
 from evlgen.model.vlm import VLM
 from evlgen.synth import world
 from evlgen.synth.backbones import Recipe, ensure_backbones
@@ -33,6 +33,7 @@ from evlgen.synth.plots import loss_curve_png, sample_grid_png
 log = logging.getLogger(__name__)
 
 DEMO_METRICS = ("bleu", "rouge_l", "cider")
+EVAL_BATCH = 64  # also configs/eval-demo.yaml's eval.batch_size: the same batches, the same beams
 
 
 def _bar(stage: str, done: int, total: int) -> None:
@@ -57,41 +58,71 @@ def demo_config(backbones: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return load_config("demo", [*parts, *overrides])
 
 
+def _from_features(cfg: Config, folder: Path, cache_dir: str | None) -> Config:
+    """`cfg` training from frozen-tower features of its train and val sets, computed here.
+
+    The demo trains without augmentation, so the tower's output for each image never changes: running
+    it once per image instead of once per step is exact and cuts the data workers' PNG decoding too.
+    """
+    from evlgen.data.features import cache_features
+
+    paths = {}
+    for name, ds in (("train", cfg.data.train[0]), ("val", cfg.data.val)):
+        assert ds is not None
+        paths[name] = folder / name
+        cache_features(cfg, ds, paths[name], dtype="float32", batch_size=128, cache_dir=cache_dir)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            train=[DatasetConfig(path=str(paths["train"]), format="features")],
+            val=DatasetConfig(path=str(paths["val"]), format="features"),
+        ),
+    )
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def evaluate_split(
-    vlm: VLM, cfg: Config, world_dir: Path, split: str, batch_size: int = 64
+    vlm: VLM, cfg: Config, world_dir: Path, split: str, batch_size: int = EVAL_BATCH
 ) -> dict[str, Any]:
-    """Captions and zero-shot answers for one split, with every metric the report needs."""
-    from evlgen.eval.captions import caption_scores
-    from evlgen.eval.vqa import vqa_scores
+    """Captions and zero-shot answers for one split, with every metric the report needs.
 
-    maker = make_sample_maker(cfg, vlm.vision.image_size, train=False)
-    rows = _rows(world_dir / f"{split}.jsonl")
-    source = JsonlSource(world_dir / f"{split}.jsonl")
-    batches, bad = fixed_batches(source, maker, len(rows), batch_size)
-    if bad:
-        raise RuntimeError(f"{bad} unreadable images in the generated {split} split")
-    gen = _generation(cfg.caption)
+    Generation and scoring are `evlgen eval`'s own (`eval.run.predict` / `score`), so evaluating the
+    saved model with `evlgen eval eval-demo` reproduces these numbers.
+    """
+    from evlgen.eval.captions import caption_scores
+    from evlgen.eval.run import predict, score
+
+    def task_config(task: str, name: str) -> Config:
+        data = DatasetConfig(path=str(world_dir / f"{name}.jsonl"))
+        e = dataclasses.replace(cfg.eval, task=task, data=data, batch_size=batch_size, metrics=DEMO_METRICS)
+        return dataclasses.replace(cfg, eval=e)
+
+    caption_cfg = task_config("caption", split)
+    pred = predict(vlm, caption_cfg)
+    if pred.num_bad:
+        raise RuntimeError(
+            f"{pred.num_bad} unreadable samples in the generated {split} split: {pred.bad[:3]}"
+        )
+    scores = score(pred, caption_cfg)
+    preds = pred.texts
+    refs = {k: list(pred.records[k].captions) for k in preds}
     with torch.no_grad():
-        preds = _generate_all(vlm, batches, gen)
         # The same frozen LM with no image: what the captions would be from the language prior alone.
         prefix = torch.zeros(1, 0, vlm.llm.hidden_size)  # [1, P=0, D]
-        blind = vlm.llm.generate(prefix, [cfg.caption.prompt], **gen)[0]
-    by_key = {r["id"]: r for r in rows}  # rows carry an "id", which the reader uses as the key
-    refs = {k: by_key[k]["captions"] for k in preds}
+        blind = vlm.llm.generate(prefix, [cfg.caption.prompt], **generation_kwargs(cfg.caption))[0].strip()
+    by_key = {r["id"]: r for r in _rows(world_dir / f"{split}.jsonl")}  # rows carry an "id": the key
     scenes = {k: world.scene_from_dict(by_key[k]["scene"]) for k in preds}
-    # METEOR's Java start-up (~10 s) is not worth it in a minutes-long demo; `evlgen eval` runs it.
-    scores = caption_scores(preds, refs, metrics=DEMO_METRICS)
     blind_scores = caption_scores({k: blind for k in preds}, refs, metrics=DEMO_METRICS)
     matches = [world.attribute_match(preds[k], scenes[k]) for k in preds]
     out: dict[str, Any] = {
         "images": len(preds),
-        "cider": scores.scores.get("cider"),
-        "bleu4": scores.scores.get("bleu4"),
-        "caption_scores": scores.to_dict(),
+        "cider": scores["scores"].get("cider"),
+        "bleu4": scores["scores"].get("bleu4"),
+        "caption_scores": {k: scores[k] for k in ("scores", "ran", "skipped", "tokenizer")},
         "blind_caption": blind,
         "blind_cider": blind_scores.scores.get("cider"),
         "attribute_accuracy": sum(m["all"] for m in matches) / len(matches),
@@ -100,45 +131,25 @@ def evaluate_split(
         "count_accuracy": sum(m["count"] for m in matches) / len(matches),
     }
 
-    vqa_rows = _rows(world_dir / f"{split}_vqa.jsonl")
-    vqa_source = JsonlSource(world_dir / f"{split}_vqa.jsonl")
-    vqa_batches, _ = fixed_batches(vqa_source, maker, len(vqa_rows), batch_size)
-    answers = _generate_all(vlm, vqa_batches, _generation(cfg.vqa))
-    vqa_by_key = {r["id"]: r for r in vqa_rows}
-    vqa = vqa_scores(answers, {k: vqa_by_key[k]["answers"] for k in answers})
-    out["vqa_accuracy"] = vqa["accuracy"]
-    out["vqa_questions"] = vqa["count"]
+    vqa_cfg = task_config("vqa", f"{split}_vqa")
+    vqa_pred = predict(vlm, vqa_cfg)
+    vqa = score(vqa_pred, vqa_cfg)
+    out["vqa_accuracy"] = vqa["scores"]["accuracy"]
+    out["vqa_questions"] = vqa["scored"]
     out["examples"] = [
-        {
-            "image": by_key[k]["image"],
-            "caption": preds[k],
-            "reference": refs[k][0],
-            "correct": matches[i]["all"],
-        }
-        for i, k in enumerate(list(preds)[:16])
+        {"image": by_key[k]["image"], "caption": preds[k], "reference": refs[k][0], "correct": m["all"]}
+        for k, m in list(zip(preds, matches, strict=True))[:16]
     ]
+    vqa_by_key = {r["id"]: r for r in _rows(world_dir / f"{split}_vqa.jsonl")}
     out["vqa_examples"] = [
         {
             "image": vqa_by_key[k]["image"],
             "question": vqa_by_key[k]["question"],
-            "answer": answers[k],
+            "answer": vqa_pred.texts[k],
             "expected": vqa_by_key[k]["answers"][0],
         }
-        for k in list(answers)[:16]
+        for k in list(vqa_pred.texts)[:16]
     ]
-    return out
-
-
-def _generation(g: GenerateConfig) -> dict[str, int]:
-    return {"num_beams": g.num_beams, "max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens}
-
-
-@torch.no_grad()
-def _generate_all(vlm: VLM, batches: list[Any], gen: dict[str, int]) -> dict[str, str]:
-    """Sample key -> generated text for every fixed batch."""
-    out: dict[str, str] = {}
-    for b in batches:
-        out.update(zip(b.keys, vlm.generate(b.pixels, b.prompts, **gen), strict=True))
     return out
 
 
@@ -181,6 +192,7 @@ def run_demo(
         ],
     )
     print("3/4 training EVLGen (one stage, LM loss only)", file=sys.stderr)
+    cfg = _from_features(cfg, out / "features", cache_dir)
     run_dir = out / "run"
     shutil.rmtree(
         run_dir, ignore_errors=True
