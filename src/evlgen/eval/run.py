@@ -376,12 +376,12 @@ def run_eval(
     """Evaluate a checkpoint on `cfg.eval.data`; rank 0 scores and writes. Returns the metrics."""
     from evlgen.model.vlm import VLM
 
-    t0 = time.perf_counter()
     if vlm is None:
         vlm = VLM.from_pretrained(checkpoint)
     device = dist.device if dist is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vlm = vlm.to(device).eval()
     run_cfg = eval_config(vlm.config, cfg, task)
+    t0 = time.perf_counter()  # reading, transforms and generation; not the model load
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     pred = predict(
         vlm, run_cfg, rank=rank, world=world, device=device, progress=progress, cache_dir=cache_dir
