@@ -103,6 +103,7 @@ def test_describe_is_canonical():
         (W.Obj("circle", "red", "large", "left"), W.Obj("star", "blue", "small", "middle", dx=0.01, dy=-0.1))
     )
     assert scene.describe() == "a large red circle on the left. a small blue star in the middle."
+    assert scene.slots() == "left: a large red circle. middle: a small blue star. right: nothing."
     assert W.captions(scene, random.Random(0), 1) == [
         "a large red circle on the left and a small blue star in the middle"
     ]

@@ -100,6 +100,15 @@ class Scene:
         """Canonical text, e.g. ``"a large red circle on the left. a small blue star in the middle."``"""
         return " ".join(f"a {o.size} {o.colour} {o.shape} {AT[o.position]}." for o in self.objects)
 
+    def slots(self) -> str:
+        """One slot per column, empty ones included, e.g.
+        ``"left: a large red circle. middle: a small blue star. right: nothing."``"""
+        by = {o.position: o for o in self.objects}
+        return " ".join(
+            f"{p}: a {by[p].size} {by[p].colour} {by[p].shape}." if p in by else f"{p}: nothing."
+            for p in POSITIONS
+        )
+
 
 def _jitter(size: str) -> tuple[float, float]:
     """Largest |dx| and |dy| that keep an object inside its column and away from the image border."""
