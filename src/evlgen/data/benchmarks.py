@@ -37,15 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evlgen.data.records import Record, RecordError, parse_row
-from evlgen.data.sources import (
-    JsonlSource,
-    _annotation_paths,
-    _cache_name,
-    _index_dir,
-    _remove_stale,
-    _signature,
-)
-from evlgen.fsutil import atomic_write
+from evlgen.data.sources import JsonlSource, _annotation_paths, cached_conversion, load_json
 
 if TYPE_CHECKING:
     from evlgen.config import DatasetConfig
@@ -491,59 +483,18 @@ def detect_benchmark(path: str) -> str | None:
 # Conversion and the reader
 
 
-def _load_json(path: str) -> Any:
-    try:
-        with open(path, "rb") as fp:
-            return json.load(fp)
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 ({exc})") from None
-
-
 def _entries(reader: str, path: str, split: str | None, extra: str | None) -> Iterator[dict[str, Any]]:
     if reader == "vqav2":
-        annotations = _load_json(extra) if extra is not None else None
-        return vqa_entries(_load_json(path), path, annotations, extra)
+        annotations = load_json(extra) if extra is not None else None
+        return vqa_entries(load_json(path), path, annotations, extra)
     if reader == "gqa":
-        return gqa_entries(_load_json(path), path)
+        return gqa_entries(load_json(path), path)
     if reader == "msrvtt":
-        return msrvtt_entries(_load_json(path), path, split)
+        return msrvtt_entries(load_json(path), path, split)
     listed = read_name_list(extra) if extra is not None else None
     with open(path, "rb") as fp:
         data = fp.read()
     return msvd_entries(data, path, None if listed is not None else split, listed)
-
-
-def _convert(
-    reader: str, path: str, split: str | None, extra: str | None, cache_dir: str | Path | None
-) -> Path:
-    """The cached JSON-lines conversion, written unless one for these exact input files exists."""
-    folder = _index_dir(cache_dir)
-    inputs = [path] + ([extra] if extra is not None else [])
-    signature = tuple(n for p in inputs for n in _signature(p))
-    name, pattern = _cache_name(path, f"{reader}:{split}:{extra}", signature, ".jsonl")
-    target = folder / name
-    if target.is_file():
-        return target
-    entries = _entries(reader, path, split, extra)
-
-    def write(fp: Any) -> None:
-        for entry in entries:
-            fp.write(json.dumps(entry, ensure_ascii=False).encode("utf-8"))
-            fp.write(b"\n")
-
-    atomic_write(target, write)
-    if tuple(n for p in inputs for n in _signature(p)) != signature:
-        # The cache would carry the old signature with the new contents (or half of each).
-        target.unlink(missing_ok=True)
-        raise RuntimeError(f"{', '.join(inputs)} changed while being converted; open the dataset again")
-    for old in _remove_stale(folder, pattern, keep=name):
-        # The line index of a removed conversion is useless too.
-        _remove_stale(folder, _cache_name(str(old), "lines", (0, 0), ".npy")[1], keep="")
-    return target
 
 
 class BenchmarkSource:
@@ -584,7 +535,15 @@ class BenchmarkSource:
                 split, "MSVD split list (split must be train, val, test or a file of video names)"
             )
         self.annotations = extra if reader == "vqav2" else None
-        self.converted_path = str(_convert(reader, self.path, split, extra, cache_dir))
+        inputs = [self.path] + ([extra] if extra is not None else [])
+        self.converted_path = str(
+            cached_conversion(
+                inputs,
+                f"{reader}:{split}:{extra}",
+                lambda: _entries(reader, self.path, split, extra),
+                cache_dir,
+            )
+        )
         self._rows = JsonlSource(self.converted_path, root=self.root, cache_dir=cache_dir)
 
     def __len__(self) -> int:

@@ -28,7 +28,7 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -348,15 +348,7 @@ def _official_rows(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _coco_rows(path: str, split: str | None) -> Iterator[dict[str, Any]]:
     """Rows of a COCO-style file as ``{"where", "key", "row"}``, the row in the JSON-lines schema."""
-    try:
-        with open(path, "rb") as fp:
-            data = json.load(fp)
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 ({exc})") from None
+    data = load_json(path)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         first = next((img for img in data["images"] if isinstance(img, dict)), {})
         # Image-info files of unlabelled test splits (COCO test2014, NoCaps test) are official files
@@ -376,21 +368,49 @@ def _coco_rows(path: str, split: str | None) -> Iterator[dict[str, Any]]:
     )
 
 
-def _convert_coco(path: str, split: str | None, cache_dir: str | Path | None) -> Path:
+def load_json(path: str) -> Any:
+    """A whole JSON file; bad JSON or non-UTF-8 bytes are a ValueError naming the file and place."""
+    try:
+        with open(path, "rb") as fp:
+            return json.load(fp)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 ({exc})") from None
+
+
+def cached_conversion(
+    inputs: Sequence[str],
+    variant: str,
+    rows: Callable[[], Iterable[dict[str, Any]]],
+    cache_dir: str | Path | None,
+) -> Path:
+    """The JSON-lines conversion of annotation files, written unless one for these exact files exists.
+
+    Named after ``inputs[0]``, ``variant`` (reader and options) and every input's size and mtime;
+    ``rows()`` is only called when the cache is missing. Older conversions of the same file (and their
+    line indexes) are removed.
+    """
     folder = _index_dir(cache_dir)
-    signature = _signature(path)
-    name, pattern = _cache_name(path, f"coco:{split}", signature, ".jsonl")
+    signature = tuple(n for p in inputs for n in _signature(p))
+    name, pattern = _cache_name(inputs[0], variant, signature, ".jsonl")
     target = folder / name
     if target.is_file():
         return target
-    rows = _coco_rows(path, split)
+    entries = rows()
 
     def write(fp: Any) -> None:
-        for row in rows:
-            fp.write(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+        for entry in entries:
+            fp.write(json.dumps(entry, ensure_ascii=False).encode("utf-8"))
             fp.write(b"\n")
 
     atomic_write(target, write)
+    if tuple(n for p in inputs for n in _signature(p)) != signature:
+        # The cache would carry the old signature with the new contents (or half of each).
+        target.unlink(missing_ok=True)
+        raise RuntimeError(f"{', '.join(inputs)} changed while being converted; open the dataset again")
     for old in _remove_stale(folder, pattern, keep=name):
         # The line index of a removed conversion is useless too.
         _remove_stale(folder, _cache_name(str(old), "lines", (0, 0), ".npy")[1], keep="")
@@ -418,7 +438,9 @@ class CocoSource:
         self.path, self.root = _annotation_paths(path, root)
         self.split = split
         self.require_references = require_references
-        self.converted_path = str(_convert_coco(self.path, split, cache_dir))
+        self.converted_path = str(
+            cached_conversion([self.path], f"coco:{split}", lambda: _coco_rows(self.path, split), cache_dir)
+        )
         self._rows = JsonlSource(self.converted_path, root=self.root, cache_dir=cache_dir)
 
     def __len__(self) -> int:
