@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from evlgen.data.pipeline import format_prompt, make_sample_maker
-from evlgen.data.transforms import load_image
+from evlgen.data.records import Record
 from evlgen.eval.run import generation_kwargs
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -38,21 +38,18 @@ def is_video(item: ImageInput) -> bool:
 def pixels_for(vlm: Any, items: Sequence[ImageInput]) -> Tensor:
     """Files or PIL images -> [B, T, 3, H, W] with the model's eval transforms (images: T = 1, repeated
     to the batch's T when videos are mixed in, which leaves the frame mean unchanged)."""
-    from evlgen.data.video import load_video_frames
-
     maker = make_sample_maker(vlm.config, vlm.vision.image_size, train=False)
     out = []
     for item in items:
         if isinstance(item, Image.Image):
             out.append(maker.transform(item.convert("RGB"), None).unsqueeze(0))  # [1, 3, H, W]
-        elif is_video(item):
-            frames = load_video_frames(
-                str(item), maker.frames, train=False, generator=None, max_pixels=maker.max_pixels
+        else:  # a file: read exactly as a dataset row naming it would be
+            path = str(item)
+            video = is_video(item)
+            rec = Record(
+                location=path, key=path, image=None if video else path, video=path if video else None
             )
-            out.append(torch.stack([maker.transform(f, None) for f in frames]))  # [T, 3, H, W]
-        else:
-            image = load_image(str(item), maker.max_pixels, name=str(item))
-            out.append(maker.transform(image, None).unsqueeze(0))  # [1, 3, H, W]
+            out.append(maker.pixels(rec, None))  # [T, 3, H, W]
     t = max(p.shape[0] for p in out)
     return torch.stack([p.expand(t, -1, -1, -1) for p in out])  # [B, T, 3, H, W]
 
