@@ -27,9 +27,10 @@ COMMON = [
 ]
 
 
-def run(args, nproc):
+def run(args, nproc, command="train"):
+    """`evlgen COMMAND tiny ARGS` in one process, or under torchrun with `nproc` gloo processes."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "evlgen", "train", "tiny", *args]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "evlgen", command, "tiny", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

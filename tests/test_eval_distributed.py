@@ -1,9 +1,6 @@
 """`evlgen eval` under torchrun (two gloo processes): the same predictions and scores as one process."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,15 +8,9 @@ import torch
 from evlgen.config import load_config
 from evlgen.model.build import build_vlm
 from sample_data import caption_dataset
+from test_distributed import run
 
 pytestmark = pytest.mark.slow
-
-
-def run(args, nproc):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "evlgen", "eval", "tiny", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_two_ranks_give_the_single_process_results(tmp_path):
@@ -38,7 +29,7 @@ def test_two_ranks_give_the_single_process_results(tmp_path):
     ]
     outputs = {}
     for nproc in (1, 2):
-        proc = run([*args, "--out", str(tmp_path / f"n{nproc}")], nproc)
+        proc = run([*args, "--out", str(tmp_path / f"n{nproc}")], nproc, command="eval")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("samples (0 bad)") == 1  # only rank 0 reports
         rows = (tmp_path / f"n{nproc}" / "predictions.jsonl").read_text().splitlines()
