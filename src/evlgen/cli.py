@@ -122,6 +122,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_convergence(args: argparse.Namespace) -> int:
+    from evlgen.convergence import run_convergence
+
+    target = None
+    if args.target:
+        metric, _, value = args.target.partition("=")
+        try:
+            target = (metric, float(value))
+        except ValueError:
+            raise ConfigError(
+                f"--target must look like attribute_accuracy=0.5, got {args.target!r}"
+            ) from None
+    results = run_convergence(
+        args.out,
+        names=args.connectors.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        budgets=[int(b) for b in args.budgets.split(",")],
+        stage1_steps=args.stage1_steps,
+        eval_samples=args.eval_samples,
+        target=target,
+        overrides=args.overrides,
+        cache_dir=args.cache_dir,
+    )
+    print(
+        (Path(args.out) / "report.md").read_text()
+        if not args.json
+        else json.dumps(results["summary"], indent=2)
+    )
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from evlgen.synth.world import DEFAULT_SIZES, write_world
 
@@ -313,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
+    p = bench_sub.add_parser(
+        "convergence",
+        help="connectors trained on the synthetic world under one budget, several seeds: quality vs steps/s",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo preset for every contender")
+    p.add_argument("--out", default="runs/convergence", help="output folder (report.md, results.json, PNGs)")
+    p.add_argument(
+        "--connectors",
+        default="tomeformer,tomeformer-r0,qformer,qformer-2stage,mlp",
+        help="comma-separated contenders",
+    )
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budgets", default="25,50,100,200,400", help="steps at which quality is measured")
+    p.add_argument("--stage1-steps", type=int, default=400, help="stage-1 steps of the two-stage Q-Former")
+    p.add_argument("--eval-samples", type=int, default=200, help="test scenes per evaluation")
+    p.add_argument(
+        "--target", default=None, help="e.g. attribute_accuracy=0.5 (default: 80%% of TomeFormer's final)"
+    )
+    p.add_argument("--cache-dir", default=None, help="backbones and index cache (default ~/.cache/evlgen)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench_convergence)
 
     p = sub.add_parser("synth", help="generate the synthetic world (images, captions, questions, videos)")
     p.add_argument("--out", default="data/synth", help="output folder")

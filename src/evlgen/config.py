@@ -412,3 +412,11 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for o in overrides:
         data = apply_override(data, o)
     return from_dict(Config, data)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`cfg` with dotted overrides applied, checked like a freshly loaded config."""
+    data = to_dict(cfg)
+    for o in overrides:
+        data = apply_override(data, o)
+    return from_dict(Config, data)

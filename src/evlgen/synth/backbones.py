@@ -328,20 +328,29 @@ def train_vision(
     return vision.eval(), loss_value
 
 
+def object_patch_masks(scene: world.Scene, grid: int) -> Tensor:
+    """[objects, grid * grid] bool: the patches whose centre lies in each object's box, row-major like
+    the tower's patch tokens."""
+    centres = (torch.arange(grid) + 0.5) / grid  # [G] patch centres as fractions of the side
+    masks = []
+    for o in scene.objects:
+        cx, cy = world.centre(o)
+        half = world.half_extent(o)
+        inside = ((centres - cy).abs() <= half)[:, None] & ((centres - cx).abs() <= half)[None, :]  # [G, G]
+        masks.append(inside.flatten())
+    return torch.stack(masks)  # [O, G*G]
+
+
 def patch_targets(scenes: list[world.Scene], grid: int) -> Tensor:
     """[B, grid * grid, 3] (shape, colour, size) index of the object whose box holds each patch centre,
     row-major like the tower's patch tokens; the last index of each attribute (its length) is background."""
-    out = torch.empty(len(scenes), grid, grid, 3, dtype=torch.long)  # [B, G, G, 3]
+    out = torch.empty(len(scenes), grid * grid, 3, dtype=torch.long)  # [B, G*G, 3]
     out[..., 0], out[..., 1], out[..., 2] = len(world.SHAPES), len(world.COLOURS), len(world.SIZES)
-    centres = (torch.arange(grid) + 0.5) / grid  # [G] patch centres as fractions of the side
     for i, scene in enumerate(scenes):
-        for o in scene.objects:
-            cx, cy = world.centre(o)
-            half = world.half_extent(o)
-            inside = ((centres - cy).abs() <= half)[:, None] & ((centres - cx).abs() <= half)[None, :]
+        for o, inside in zip(scene.objects, object_patch_masks(scene, grid), strict=True):
             label = (world.SHAPES.index(o.shape), world.COLOURS.index(o.colour), world.SIZES.index(o.size))
             out[i][inside] = torch.tensor(label)
-    return out.flatten(1, 2)
+    return out
 
 
 _BACKGROUND_WEIGHT = 0.2  # most patches are background; at full weight they drown the objects' few

@@ -58,7 +58,7 @@ def demo_config(backbones: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return load_config("demo", [*parts, *overrides])
 
 
-def _from_features(cfg: Config, folder: Path, cache_dir: str | None) -> Config:
+def from_features(cfg: Config, folder: Path, cache_dir: str | None) -> Config:
     """`cfg` training from frozen-tower features of its train and val sets, computed here.
 
     The demo trains without augmentation, so the tower's output for each image never changes: running
@@ -85,6 +85,71 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _task_config(
+    cfg: Config, world_dir: Path, task: str, name: str, batch_size: int, max_samples: int | None
+) -> Config:
+    data = DatasetConfig(path=str(world_dir / f"{name}.jsonl"))
+    e = dataclasses.replace(
+        cfg.eval, task=task, data=data, batch_size=batch_size, metrics=DEMO_METRICS, max_samples=max_samples
+    )
+    return dataclasses.replace(cfg, eval=e)
+
+
+# metrics.json name -> world.attribute_match key
+ATTRIBUTE_KEYS = (("attribute", "all"), ("colour", "colour"), ("shape", "shape"), ("count", "count"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionQuality:
+    metrics: dict[str, Any]
+    predictions: dict[str, str]  # by sample key
+    references: dict[str, list[str]]
+    matches: list[dict[str, bool]]  # world.attribute_match of each prediction, in key order
+    rows: dict[str, dict[str, Any]]  # the split's JSONL rows by key (scenes, image paths)
+
+
+def caption_quality(
+    vlm: VLM,
+    cfg: Config,
+    world_dir: Path,
+    split: str,
+    batch_size: int = EVAL_BATCH,
+    max_samples: int | None = None,
+) -> CaptionQuality:
+    """Captions of one split (its first `max_samples` images) scored: CIDEr, BLEU-4 and the attribute
+    accuracies parsed with the world's grammar."""
+    from evlgen.eval.run import predict, score
+
+    caption_cfg = _task_config(cfg, world_dir, "caption", split, batch_size, max_samples)
+    pred = predict(vlm, caption_cfg)
+    if pred.num_bad:
+        raise RuntimeError(
+            f"{pred.num_bad} unreadable samples in the generated {split} split: {pred.bad[:3]}"
+        )
+    scores = score(pred, caption_cfg)
+    preds = pred.texts
+    refs = {k: list(pred.records[k].captions) for k in preds}
+    by_key = {r["id"]: r for r in _rows(world_dir / f"{split}.jsonl")}  # rows carry an "id": the key
+    scenes = {k: world.scene_from_dict(by_key[k]["scene"]) for k in preds}
+    matches = [world.attribute_match(preds[k], scenes[k]) for k in preds]
+    out: dict[str, Any] = {
+        "images": len(preds),
+        "cider": scores["scores"].get("cider"),
+        "bleu4": scores["scores"].get("bleu4"),
+        "caption_scores": {k: scores[k] for k in ("scores", "ran", "skipped", "tokenizer")},
+        **{
+            f"{name}_accuracy": sum(m[key] for m in matches) / len(matches)
+            for name, key in (
+                ("attribute", "all"),
+                ("colour", "colour"),
+                ("shape", "shape"),
+                ("count", "count"),
+            )
+        },
+    }
+    return CaptionQuality(out, preds, refs, matches, by_key)
+
+
 def evaluate_split(
     vlm: VLM, cfg: Config, world_dir: Path, split: str, batch_size: int = EVAL_BATCH
 ) -> dict[str, Any]:
@@ -96,42 +161,18 @@ def evaluate_split(
     from evlgen.eval.captions import caption_scores
     from evlgen.eval.run import predict, score
 
-    def task_config(task: str, name: str) -> Config:
-        data = DatasetConfig(path=str(world_dir / f"{name}.jsonl"))
-        e = dataclasses.replace(cfg.eval, task=task, data=data, batch_size=batch_size, metrics=DEMO_METRICS)
-        return dataclasses.replace(cfg, eval=e)
-
-    caption_cfg = task_config("caption", split)
-    pred = predict(vlm, caption_cfg)
-    if pred.num_bad:
-        raise RuntimeError(
-            f"{pred.num_bad} unreadable samples in the generated {split} split: {pred.bad[:3]}"
-        )
-    scores = score(pred, caption_cfg)
-    preds = pred.texts
-    refs = {k: list(pred.records[k].captions) for k in preds}
+    q = caption_quality(vlm, cfg, world_dir, split, batch_size)
+    out, preds, refs, matches, by_key = q.metrics, q.predictions, q.references, q.matches, q.rows
     with torch.no_grad():
         # The same frozen LM with no image: what the captions would be from the language prior alone.
         prefix = torch.zeros(1, 0, vlm.llm.hidden_size)  # [1, P=0, D]
         blind = vlm.llm.generate(prefix, [cfg.caption.prompt], **generation_kwargs(cfg.caption))[0].strip()
-    by_key = {r["id"]: r for r in _rows(world_dir / f"{split}.jsonl")}  # rows carry an "id": the key
-    scenes = {k: world.scene_from_dict(by_key[k]["scene"]) for k in preds}
-    blind_scores = caption_scores({k: blind for k in preds}, refs, metrics=DEMO_METRICS)
-    matches = [world.attribute_match(preds[k], scenes[k]) for k in preds]
-    out: dict[str, Any] = {
-        "images": len(preds),
-        "cider": scores["scores"].get("cider"),
-        "bleu4": scores["scores"].get("bleu4"),
-        "caption_scores": {k: scores[k] for k in ("scores", "ran", "skipped", "tokenizer")},
-        "blind_caption": blind,
-        "blind_cider": blind_scores.scores.get("cider"),
-        "attribute_accuracy": sum(m["all"] for m in matches) / len(matches),
-        "colour_accuracy": sum(m["colour"] for m in matches) / len(matches),
-        "shape_accuracy": sum(m["shape"] for m in matches) / len(matches),
-        "count_accuracy": sum(m["count"] for m in matches) / len(matches),
-    }
+    out["blind_caption"] = blind
+    out["blind_cider"] = caption_scores({k: blind for k in preds}, refs, metrics=DEMO_METRICS).scores.get(
+        "cider"
+    )
 
-    vqa_cfg = task_config("vqa", f"{split}_vqa")
+    vqa_cfg = _task_config(cfg, world_dir, "vqa", f"{split}_vqa", batch_size, None)
     vqa_pred = predict(vlm, vqa_cfg)
     vqa = score(vqa_pred, vqa_cfg)
     out["vqa_accuracy"] = vqa["scores"]["accuracy"]
@@ -192,7 +233,7 @@ def run_demo(
         ],
     )
     print("3/4 training EVLGen (one stage, LM loss only)", file=sys.stderr)
-    cfg = _from_features(cfg, out / "features", cache_dir)
+    cfg = from_features(cfg, out / "features", cache_dir)
     run_dir = out / "run"
     shutil.rmtree(
         run_dir, ignore_errors=True
