@@ -8,6 +8,7 @@ import torch
 from evlgen.bench import (
     STAGES,
     bench_data,
+    bench_throughput,
     bench_train,
     format_report,
     peak_flops,
@@ -40,6 +41,32 @@ def test_bench_train_stages_and_throughput_are_consistent():
     assert "mfu" not in r and "peak_memory_gib" not in r
     text = format_report(r)
     assert "llm_forward" in text and "images/s" in text
+
+
+def test_bench_throughput_runs_each_variant_on_the_same_preset():
+    cfg = load_config("tiny")
+    r = bench_throughput(
+        cfg,
+        variants=["tomeformer", "tomeformer-r0"],
+        rounds=2,
+        random_weights=True,
+        batch_size=2,
+        steps=1,
+        warmup=0,
+        device="cpu",
+    )
+    tome, r0 = r["variants"]["tomeformer"], r["variants"]["tomeformer-r0"]
+    assert r["reference"] == "tomeformer" and tome["step_ratio"] == 1.0
+    assert r0["step_ratio"] == r0["step_ms"] / tome["step_ms"]
+    # tiny: 17 tokens merged 4 per layer over 2 layers -> 9 given to the LLM; r=0 passes all 17.
+    assert (tome["llm_visual_tokens"], r0["llm_visual_tokens"]) == (9, 17)
+    assert r0["connector_macs"] > tome["connector_macs"] > 0
+    assert len(tome["round_step_ms"]) == 2 and tome["step_ms"] in tome["round_step_ms"]
+    # Everything but the connector is the same model.
+    assert tome["frozen_params"] == r0["frozen_params"] and tome["batch_size"] == r0["batch_size"] == 2
+    assert "tomeformer-r0" in format_report(r)
+    with pytest.raises(ValueError, match="unknown connector variants"):
+        bench_throughput(cfg, variants=["perceiver"])
 
 
 def test_bench_train_on_features_skips_the_tower_and_caps_the_cpu_batch():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from evlgen.config import Config
+from evlgen.config import Config, with_overrides
 from evlgen.data.pipeline import TrainStream, make_loader, make_sample_maker, open_sources
 from evlgen.model.build import build_vlm, describe, plan
 from evlgen.model.llm import LMOutput
@@ -308,6 +308,67 @@ def bench_train(
 
 
 # -------------------------------------------------------------------------------------------------
+# Connectors side by side
+
+# `evlgen bench throughput` variants: overrides of the preset under test, so every other part (tower,
+# LLM, batch, text length, precision) is identical across them.
+CONNECTOR_VARIANTS: dict[str, tuple[str, ...]] = {
+    "tomeformer": (),
+    "tomeformer-r0": ("connector.r=0",),
+    "qformer": ("connector.kind=qformer",),
+    "mlp": ("connector.kind=mlp",),
+}
+
+
+def bench_throughput(
+    cfg: Config,
+    *,
+    variants: list[str] | None = None,
+    rounds: int = 3,
+    **train_kwargs: Any,
+) -> dict:
+    """`bench_train` of each connector variant of `cfg`, interleaved over `rounds` (the order rotates
+    each round) so that machine noise hits every variant alike; each variant keeps its median round.
+
+    Ratios are step times relative to the first variant (TomeFormer as configured by default).
+    """
+    names = variants or list(CONNECTOR_VARIANTS)
+    unknown = [n for n in names if n not in CONNECTOR_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown connector variants {unknown}; expected some of {list(CONNECTOR_VARIANTS)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    configs = {n: with_overrides(cfg, CONNECTOR_VARIANTS[n]) for n in names}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for k in range(rounds):
+        for n in names[k % len(names) :] + names[: k % len(names)]:
+            runs[n].append(bench_train(configs[n], **train_kwargs))
+    out: dict[str, dict] = {}
+    for n in names:
+        ordered = sorted(runs[n], key=lambda r: r["step_ms"])
+        best = ordered[(len(ordered) - 1) // 2]
+        info = describe(configs[n])
+        out[n] = {
+            **best,
+            "overrides": list(CONNECTOR_VARIANTS[n]),
+            "round_step_ms": [r["step_ms"] for r in runs[n]],
+            "llm_visual_tokens": info["llm_visual_tokens"],
+            "connector_macs": info["connector_macs"],
+            "projection_macs": info["projection_macs"],
+        }
+    ref = out[names[0]]["step_ms"]
+    for r in out.values():
+        r["step_ratio"] = r["step_ms"] / ref
+    return {
+        "kind": "throughput",
+        "preset": cfg.name,
+        "rounds": rounds,
+        "reference": names[0],
+        "variants": out,
+    }
+
+
+# -------------------------------------------------------------------------------------------------
 # Data pipeline
 
 
@@ -408,14 +469,41 @@ def _format_data(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_throughput(r: dict) -> str:
+    first = next(iter(r["variants"].values()))
+    lines = [
+        f"bench throughput: {r['preset']} on {first['device']}, {first['precision']}, batch "
+        f"{first['batch_size']}, {'random weights' if first['random_weights'] else 'preset weights'}, "
+        f"{'cached features' if first['features'] else 'pixels'}; median of {r['rounds']} interleaved rounds",
+        f"{'connector':<14} {'LLM visual':>10} {'conn. GMACs':>11} {'ms/step':>9} "
+        f"{'x ' + r['reference']:>14}  " + "  ".join(f"{s:>9}" for s in first["stages_ms"]),
+    ]
+    for name, v in r["variants"].items():
+        lines.append(
+            f"{name:<14} {v['llm_visual_tokens']:>10} {v['connector_macs'] / 1e9:>11.4g} "
+            f"{v['step_ms']:>9.1f} {v['step_ratio']:>14.2f}  "
+            + "  ".join(f"{ms:>9.1f}" for ms in v["stages_ms"].values())
+        )
+        extras = []
+        if "peak_memory_gib" in v:
+            extras.append(f"peak GPU memory {v['peak_memory_gib']:.2f} GiB")
+        if "mfu" in v:
+            extras.append(f"MFU {100 * v['mfu']:.1f}%")
+        if extras:
+            lines.append(f"{'':<14} " + ", ".join(extras))
+    lines.append("(stage columns: ms/step of each stage, synchronised; ms/step: end to end without syncs)")
+    return "\n".join(lines)
+
+
 def format_report(result: dict) -> str:
-    """A readable table for a bench_train or bench_data result."""
-    return {"train": _format_train, "data": _format_data}[result["kind"]](result)
+    """A readable table for a bench_train, bench_data or bench_throughput result."""
+    formats = {"train": _format_train, "data": _format_data, "throughput": _format_throughput}
+    return formats[result["kind"]](result)
 
 
 def run(kind: str, cfg: Config, **kwargs: Any) -> dict:
-    """Dispatch to bench_train ("train") or bench_data ("data") with their keyword arguments."""
-    benches = {"train": bench_train, "data": bench_data}
+    """Dispatch to bench_train, bench_data or bench_throughput by name, with their keyword arguments."""
+    benches = {"train": bench_train, "data": bench_data, "throughput": bench_throughput}
     if kind not in benches:
         raise ValueError(f"unknown benchmark {kind!r}; expected one of {sorted(benches)}")
     return benches[kind](cfg, **kwargs)

@@ -7,7 +7,8 @@ Subcommands:
   train PRESET [key=value ...] --out DIR  train (torchrun for several processes); --resume auto
   data check PATH                        validate a dataset: counts, bad files, caption statistics
   cache-features PRESET --data P --out D  precompute the frozen tower's outputs for a dataset
-  bench train|data PRESET                benchmarks (step breakdown, data pipeline images/s)
+  bench train|throughput|data PRESET     benchmarks (step breakdown, connectors side by side, data images/s)
+  bench convergence                      connectors trained on the synthetic world: quality vs steps, seconds
   synth --out DIR                        generate the synthetic world
   demo [--out DIR]                       world -> backbones -> EVLGen training -> held-out evaluation
   eval CONFIG --checkpoint DIR           benchmark scores + official submission files (torchrun for ranks)
@@ -101,12 +102,11 @@ def _cache_features(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from evlgen.bench import bench_data, bench_train, format_report
+    from evlgen.bench import bench_data, bench_throughput, bench_train, format_report
 
     cfg = load_config(args.config, args.overrides)
-    if args.bench == "train":
-        result = bench_train(
-            cfg,
+    if args.bench in ("train", "throughput"):
+        kwargs = dict(
             random_weights=args.random_weights,
             batch_size=args.batch_size,
             steps=args.steps,
@@ -115,6 +115,11 @@ def _bench(args: argparse.Namespace) -> int:
             precision=args.precision,
             features=args.features,
         )
+        if args.bench == "train":
+            result = bench_train(cfg, **kwargs)
+        else:
+            variants = args.variants.split(",") if args.variants else None
+            result = bench_throughput(cfg, variants=variants, rounds=args.rounds, **kwargs)
     else:
         workers = [int(w) for w in args.workers.split(",")]
         result = bench_data(cfg, workers=workers, batches=args.batches, batch_size=args.batch_size)
@@ -318,22 +323,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: training step breakdown, data pipeline throughput")
     bench_sub = p.add_subparsers(dest="bench", required=True)
-    p = bench_sub.add_parser("train", help="images/s and per-stage time of a training step (synthetic input)")
-    p.add_argument("config", help="preset name or YAML path")
-    p.add_argument("overrides", nargs="*", help="dotted overrides")
-    p.add_argument("--random-weights", action="store_true", help="build every part from `arch` (no download)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="default: train.batch_size (at most 8 on CPU)"
-    )
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument(
-        "--features", action="store_true", help="skip the tower, as when training from a feature cache"
-    )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_bench)
+    for name, help_ in (
+        ("train", "images/s and per-stage time of a training step (synthetic input)"),
+        ("throughput", "training step of each connector (TomeFormer, r=0, Q-Former, MLP) side by side"),
+    ):
+        p = bench_sub.add_parser(name, help=help_)
+        p.add_argument("config", help="preset name or YAML path")
+        p.add_argument("overrides", nargs="*", help="dotted overrides")
+        p.add_argument(
+            "--random-weights", action="store_true", help="build every part from `arch` (no download)"
+        )
+        p.add_argument(
+            "--batch-size", type=int, default=None, help="default: train.batch_size (at most 8 on CPU)"
+        )
+        p.add_argument("--steps", type=int, default=10)
+        p.add_argument("--warmup", type=int, default=3)
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+        p.add_argument(
+            "--features", action="store_true", help="skip the tower, as when training from a feature cache"
+        )
+        if name == "throughput":
+            p.add_argument("--variants", default=None, help="comma-separated; default: all four")
+            p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median kept)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_bench)
     p = bench_sub.add_parser(
         "data", help="images/s of the training data pipeline per DataLoader worker count"
     )
