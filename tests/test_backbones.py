@@ -1,8 +1,11 @@
 """The synthetic world's backbone recipe: dense patch targets and the LM's length-bucketed sampler."""
 
+import threading
+import time
+
 import torch
 
-from evlgen.synth import world
+from evlgen.synth import backbones, world
 from evlgen.synth.backbones import _length_bucketed, patch_targets
 
 BG = (len(world.SHAPES), len(world.COLOURS), len(world.SIZES))
@@ -62,3 +65,51 @@ def test_length_bucketed_visits_every_sequence_once_per_epoch_with_little_paddin
         / 1000
     )
     assert padding < 0.25 * random_padding, (padding, random_padding)
+
+
+def test_concurrent_builders_of_one_recipe_build_once(tmp_path, monkeypatch):
+    calls = []
+
+    def slow_build(recipe, out, progress):
+        calls.append(out)
+        tmp = out.parent / f".{out.name}.tmp-{len(calls)}"
+        tmp.mkdir()
+        time.sleep(0.3)  # long enough for the other thread to arrive while this build runs
+        (tmp / "recipe.json").write_text("{}")
+        tmp.rename(out)
+
+    monkeypatch.setattr(backbones, "_build_backbones", slow_build)
+    recipe = backbones.Recipe(seed=7)
+    stale = backbones.backbones_dir(recipe, tmp_path)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(backbones.ensure_backbones(recipe, tmp_path)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [stale, stale]
+    assert (stale / "recipe.json").is_file()
+
+
+def test_a_killed_builds_leftovers_are_removed_under_the_lock(tmp_path, monkeypatch):
+    recipe = backbones.Recipe(seed=8)
+    out = backbones.backbones_dir(recipe, tmp_path)
+    out.parent.mkdir(parents=True)
+    leftover = out.parent / f".{out.name}.tmp-999999"
+    leftover.mkdir()
+    monkeypatch.setattr(backbones, "train_lm", lambda *a, **k: (_Saveable(), 1.0))
+    monkeypatch.setattr(backbones, "train_vision", lambda *a, **k: (_Saveable(), 1.0))
+    monkeypatch.setattr(backbones, "lm_corpus", lambda r, rng: [("left: nothing.", "caption: a red circle")])
+    assert backbones.ensure_backbones(recipe, tmp_path) == out
+    assert (
+        not leftover.exists() and (out / "llm" / "saved").is_file() and (out / "vision" / "saved").is_file()
+    )
+
+
+class _Saveable:
+    def save_pretrained(self, path):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "saved").write_text("x")

@@ -6,9 +6,10 @@ run summaries, annotation indexes, feature caches.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -57,3 +58,25 @@ def atomic_write(target: str | Path, write: Callable[[BinaryIO], object]) -> Non
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:
     atomic_write(target, lambda fp: fp.write(data))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path) -> Iterator[None]:
+    """Hold an advisory lock on the file `path` (created if missing) for the duration of the block.
+
+    Processes building the same cached artefact take turns: the second waits, then finds the first's
+    result instead of building it again (or deleting the first's work in progress as if it were stale).
+    Where `fcntl` is unavailable (Windows) this is a no-op.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

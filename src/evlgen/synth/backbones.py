@@ -41,7 +41,7 @@ from torch import Tensor
 from evlgen.config import CLIP_MEAN, CLIP_STD
 from evlgen.data.sources import default_cache_dir
 from evlgen.data.transforms import to_tensor
-from evlgen.fsutil import fsync_tree
+from evlgen.fsutil import exclusive_lock, fsync_tree
 from evlgen.model.tokenizer import train_bpe_tokenizer
 from evlgen.synth import world
 
@@ -121,9 +121,18 @@ def ensure_backbones(
     out = backbones_dir(recipe, cache_dir)
     if (out / "recipe.json").is_file():
         return out
-    t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
+    # One builder at a time per recipe: a second process waits here, then finds the first one's result.
+    with exclusive_lock(out.parent / f".{out.name}.lock"):
+        if (out / "recipe.json").is_file():
+            return out
+        _build_backbones(recipe, out, progress)
+    return out
+
+
+def _build_backbones(recipe: Recipe, out: Path, progress: Progress | None) -> None:
+    t0 = time.perf_counter()
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -145,12 +154,10 @@ def ensure_backbones(
     }
     (tmp / "recipe.json").write_text(json.dumps(info, indent=2))
     fsync_tree(tmp)
-    if out.exists():  # another process finished first; theirs is identical
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(out)
+    if out.exists():  # a half-renamed leftover of a crashed build holds no recipe.json; replace it
+        shutil.rmtree(out)
+    tmp.rename(out)
     log.info("synthetic-world backbones ready in %s (%.0f s)", out, info["seconds"])
-    return out
 
 
 # -------------------------------------------------------------------------------------------------
