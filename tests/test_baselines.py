@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertForMaskedLM
 
 from evlgen.bench import bench_train
 from evlgen.cli import main
 from evlgen.config import ConfigError, load_config
 from evlgen.model.build import WEIGHTS_FILE, build_vlm, describe
 from evlgen.model.qformer import STAGE1_ONLY, STAGE2_ONLY
+from evlgen.model.tokenizer import train_wordpiece_tokenizer
 from evlgen.model.vlm import VLM
 from evlgen.smoke import fixed_batch, run_smoke
 from evlgen.train.loop import train
@@ -279,3 +281,39 @@ def test_info_prints_both_qformer_stages(capsys):
     stage1 = info["qformer_macs"]["stage1"]["total"]
     assert f"stage 2 {info['connector_macs'] / 1e9:.2f} G; stage 1 {stage1 / 1e9:.2f} G" in out
     assert "connector         qformer, objective lm" in out
+
+
+def test_qformer_from_a_local_bert_and_wordpiece_tokenizer(tmp_path):
+    # bert-base-uncased cannot be downloaded here: a tiny BERT (with its MLM head) and a WordPiece
+    # tokenizer trained on the spot stand in, through the same factory path as the paper preset.
+    wordpiece = train_wordpiece_tokenizer(["a red square", "two blue circles on the left"] * 5, 60)
+    wordpiece.save_pretrained(tmp_path / "wp")
+    torch.manual_seed(0)
+    bert_cfg = BertConfig(
+        vocab_size=len(wordpiece),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    mlm = BertForMaskedLM(bert_cfg)
+    mlm.save_pretrained(tmp_path / "bert")
+    init = [f"connector.init={tmp_path / 'bert'}", f"connector.text_tokenizer={tmp_path / 'wp'}"]
+    s1 = build("tiny-qformer-stage1", *init)
+    layer = s1.connector.encoder.layer[1]
+    assert torch.equal(
+        layer.attention.self.query.weight, mlm.bert.encoder.layer[1].attention.self.query.weight
+    )
+    assert torch.equal(
+        layer.intermediate_query.dense.weight, mlm.bert.encoder.layer[1].intermediate.dense.weight
+    )
+    words = s1.stage1.embeddings.word_embeddings.weight
+    assert words.shape[0] == len(wordpiece) + 1 and torch.equal(
+        words[:-1], mlm.bert.embeddings.word_embeddings.weight
+    )
+    assert s1.stage1.text.cls_id == wordpiece.cls_token_id
+    head = s1.stage1.cls.predictions.transform.dense.weight
+    assert torch.equal(head, mlm.cls.predictions.transform.dense.weight)
+    one_stage = build("tiny-qformer", init[0])  # stage 2 / one-stage: the layers only
+    assert torch.equal(one_stage.connector.embeddings.LayerNorm.weight, mlm.bert.embeddings.LayerNorm.weight)
