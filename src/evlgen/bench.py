@@ -113,15 +113,25 @@ def _flop_counts(vlm: VLM, info: dict[str, Any], llm_tokens: int, head_tokens: i
     """The inputs of train_flops_per_image for this model; matmul weights only, lookups excluded."""
     tower = vlm.vision
     run = [tower.model.embeddings.patch_embedding, *tower.model.encoder.layers[: tower.num_blocks]]
+    vision_params = 0 if features else sum(p.numel() for m in run for p in m.parameters())
+    connector_macs = info["connector_macs"] + info["projection_macs"]
+    if vlm.llm is None:  # Q-Former stage 1: connector_macs already counts its ITG head
+        return {
+            "vision_params": vision_params,
+            "visual_tokens": info["visual_tokens"],
+            "connector_macs": connector_macs,
+            "llm_params": 0,
+            "llm_tokens": 0,
+        }
     lm = vlm.llm.model
     head = lm.get_output_embeddings()
     lookups = {id(m.weight) for m in lm.modules() if isinstance(m, nn.Embedding)}
     if head is not None:
         lookups.add(id(head.weight))  # counted apart: it runs only where logits are needed
     return {
-        "vision_params": 0 if features else sum(p.numel() for m in run for p in m.parameters()),
+        "vision_params": vision_params,
         "visual_tokens": info["visual_tokens"],
-        "connector_macs": info["connector_macs"] + info["projection_macs"],
+        "connector_macs": connector_macs,
         "llm_params": sum(p.numel() for p in lm.parameters() if id(p) not in lookups),
         "llm_tokens": llm_tokens,
         "head_params": 0 if head is None else head.weight.numel(),
@@ -158,6 +168,11 @@ def staged_forward(
         feats = frames.mean(dim=1, dtype=torch.float32)  # [B, N, Dv]
         lap("vision")
     x = vlm.vl_proj(vlm.ln_vision(feats.to(vlm.ln_vision.weight.dtype)))  # [B, N, Dc]
+    if vlm.llm is None:  # Q-Former stage 1: its three losses are the connector's work; no LM runs
+        out = vlm.stage1(vlm.connector, x, targets)
+        lap("connector")
+        lap("llm_forward")
+        return out
     x, state = vlm.connector.forward_with_state(x)  # [B, P, Dc]
     prefix = vlm.llm_proj(x)  # [B, P, D_llm]
     lap("connector")
@@ -180,7 +195,12 @@ def synthetic_batch(
         shape = (batch_size, 1, tower.num_channels, tower.image_size, tower.image_size)
         inputs = torch.randn(shape, generator=g).to(device)  # [B, 1, C, H, W]
     prompt, caption = cfg.caption.prompt, SENTENCE
-    # target_ids truncates at max_text_len (end token included), so this stops once the target is full.
+    # target_ids truncates at max_text_len (end token included), so this stops once the target is full;
+    # likewise the Q-Former stage-1 text path at its own max length.
+    if vlm.llm is None:
+        while vlm.stage1.text([caption])[0].shape[1] < vlm.stage1.text.max_len:
+            caption += " " + SENTENCE
+        return inputs, [prompt] * batch_size, [caption] * batch_size
     while len(vlm.llm.target_ids(prompt, caption)) < vlm.llm.max_text_len:
         caption += " " + SENTENCE
     return inputs, [prompt] * batch_size, [caption] * batch_size
@@ -226,7 +246,8 @@ def bench_train(
     prec = resolve_precision(precision or cfg.train.precision, dev)
     info = describe(cfg)
     vlm = build_vlm(cfg, random_weights=random_weights, log_table=False).to(dev).train()
-    vlm.llm.head_only_logits  # noqa: B018 -- runs FrozenLM's one-off probe now, outside the timings
+    if vlm.llm is not None:
+        vlm.llm.head_only_logits  # noqa: B018 -- runs FrozenLM's one-off probe now, outside the timings
     inputs, prompts, targets = synthetic_batch(vlm, cfg, bs, dev, features)
     params = [p for _, p in vlm.trainable_named_parameters()]
     optimizer = build_optimizer(vlm.trainable_named_parameters(), cfg.train)
@@ -265,8 +286,11 @@ def bench_train(
 
     stages_ms = {k: 1e3 * v / steps for k, v in watch.totals.items()}
     staged_ms = sum(stages_ms.values())
-    llm_tokens = info["llm_visual_tokens"] + len(vlm.llm.prompt_ids(prompts[0]))
-    head_tokens = len(vlm.llm.target_ids(prompts[0], targets[0]))
+    if vlm.llm is None:
+        llm_tokens = head_tokens = 0
+    else:
+        llm_tokens = info["llm_visual_tokens"] + len(vlm.llm.prompt_ids(prompts[0]))
+        head_tokens = len(vlm.llm.target_ids(prompts[0], targets[0]))
     counts = _flop_counts(vlm, info, llm_tokens + head_tokens, head_tokens, features)
     flops = train_flops_per_image(**counts)
     images_per_s = bs / step_s

@@ -41,7 +41,15 @@ def _info(args: argparse.Namespace) -> int:
     print(f"visual tokens     {info['visual_tokens']} ({info['protected_tokens']} protected)")
     print(f"merge r per layer {info['merge_schedule']}")
     print(f"token schedule    {' -> '.join(map(str, sched))}  (LLM sees {sched[-1]})")
+    print(f"connector         {info['connector_kind']}, objective {info['objective']}")
     print(f"connector MACs    {info['connector_macs'] / 1e9:.2f} G per image (linear layers)")
+    if "qformer_macs" in info:
+        q = info["qformer_macs"]
+        parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in q["stage1"].items() if k != "total")
+        print(
+            f"  Q-Former        stage 2 {q['stage2'] / 1e9:.2f} G; stage 1 {q['stage1']['total'] / 1e9:.2f} G"
+        )
+        print(f"  stage 1 parts   {parts} (G)")
     print(f"projection MACs   {info['projection_macs'] / 1e9:.3f} G per image")
     print(f"trainable params  {info['trainable_params']:,}")
     print(f"frozen params     {info['frozen_params']:,}")

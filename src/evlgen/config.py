@@ -49,9 +49,14 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """The trainable TomeFormer. `init` names the BERT it starts from (None: random init)."""
+    """The trainable connector. `init` names the BERT it starts from (None: random init).
 
-    kind: Literal["tomeformer"] = "tomeformer"
+    kind: `tomeformer` (EVLGen), `qformer` (BLIP-2's Q-Former) or `mlp` (LLaVA-1.5's 2-layer MLP over
+    every visual token; no BERT, so `init` must be null). `r`, `r_inflection`, `merge_mode` and
+    `max_positions` apply to the TomeFormer only; the `num_queries` ... `init_from` keys to the Q-Former.
+    """
+
+    kind: Literal["tomeformer", "qformer", "mlp"] = "tomeformer"
     init: str | None = "bert-base-uncased"
     revision: str | None = None
     arch: BertShape = field(default_factory=BertShape)
@@ -62,6 +67,18 @@ class ConnectorConfig:
     merge_mode: Literal["mean", "weighted", "proportional"] = "mean"
     # Position-table size; None = enough for the tower's token count (interpolated beyond BERT's 512).
     max_positions: int | None = None
+    # Q-Former: learned queries, and cross-attention to the visual tokens in layers 0, f, 2f, ...
+    num_queries: int = 32
+    cross_attention_freq: int = 2
+    # Q-Former stage 1 (train.objective=qformer-stage1): the text path's tokenizer (hub id or path;
+    # null = the LM's tokenizer, `byte` = the built-in byte tokenizer), its max length (with [CLS] and
+    # [SEP]) and the ITC embedding width.
+    text_tokenizer: str | None = None
+    text_max_len: int = 32
+    embed_dim: int = 256
+    # Q-Former stage 2: a stage-1 model directory (a run's `model/`, a checkpoint, or the run directory)
+    # whose ln_vision, queries and Q-Former layers start this run (strict; replaces `init`).
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,9 @@ class DataConfig:
 class TrainConfig:
     """The optimisation recipe. Defaults are the paper's (AdamW, warm-up + cosine), scaled by presets."""
 
+    # lm: next-token loss through the frozen LM (EVLGen, one-stage baselines, BLIP-2 stage 2);
+    # qformer-stage1: BLIP-2's ITC + ITM + ITG on the Q-Former alone (no LM is built).
+    objective: Literal["lm", "qformer-stage1"] = "lm"
     steps: int = 250_000
     # Per process and micro-step; the global batch is batch_size * grad_accum * world size.
     batch_size: int = 200

@@ -25,9 +25,19 @@ from evlgen.fsutil import fsync_tree
 from evlgen.model.connector import TomeFormer, tomeformer_macs
 from evlgen.model.llm import FrozenLM
 from evlgen.model.merge import merge_schedule, token_schedule
+from evlgen.model.mlp import MLPProjector, mlp_macs
+from evlgen.model.qformer import (
+    STAGE1_OBJECTIVE,
+    QFormer,
+    QFormerStage1,
+    QFormerText,
+    handover_state,
+    qformer_macs,
+    qformer_stage1_macs,
+)
 from evlgen.model.tokenizer import byte_tokenizer
 from evlgen.model.vision import VisionTower, load_vision_model, random_vision_model
-from evlgen.model.vlm import VLM
+from evlgen.model.vlm import VLM, Connector
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +53,8 @@ class Plan:
 
     num_tokens: int  # visual tokens per frame out of the tower
     protected: int  # 1 when the tower has a CLS token
-    rs: list[int]  # tokens merged at each connector layer
-    token_schedule: list[int]  # tokens entering each layer, then the output count
+    rs: list[int]  # tokens merged at each connector layer (TomeFormer; empty for the other kinds)
+    token_schedule: list[int]  # tokens entering each layer, then the output count (other kinds: in, out)
 
 
 def plan(cfg: Config) -> Plan:
@@ -60,13 +70,19 @@ def plan(cfg: Config) -> Plan:
     protected = 0 if cfg.vision.family == "siglip" else 1
     num_tokens = (arch["image_size"] // arch["patch_size"]) ** 2 + protected
     c = cfg.connector
-    try:
-        rs = merge_schedule(c.arch.num_hidden_layers, c.r, c.r_inflection)
-        counts = token_schedule(num_tokens, rs, protected)
-    except ValueError as e:
-        raise ConfigError(f"connector.r: {e}") from None
-    if c.max_positions is not None and c.max_positions < num_tokens:
-        raise ConfigError(f"connector.max_positions={c.max_positions} < {num_tokens} visual tokens")
+    _check_connector_keys(cfg)
+    if c.kind == "tomeformer":
+        try:
+            rs = merge_schedule(c.arch.num_hidden_layers, c.r, c.r_inflection)
+            counts = token_schedule(num_tokens, rs, protected)
+        except ValueError as e:
+            raise ConfigError(f"connector.r: {e}") from None
+        if c.max_positions is not None and c.max_positions < num_tokens:
+            raise ConfigError(f"connector.max_positions={c.max_positions} < {num_tokens} visual tokens")
+    else:
+        rs, counts = [], [num_tokens, c.num_queries if c.kind == "qformer" else num_tokens]
+    if cfg.train.objective == STAGE1_OBJECTIVE:  # no LM is built, so its sequence limits do not apply
+        return Plan(num_tokens=num_tokens, protected=protected, rs=rs, token_schedule=counts)
     # Visual prefix + prompt + target + end token must fit the LM's position table (OPT's is learned).
     longest = counts[-1] + cfg.llm.max_prompt_len + cfg.llm.max_text_len + 1
     limit = cfg.llm.arch.get("max_position_embeddings")
@@ -77,6 +93,33 @@ def plan(cfg: Config) -> Plan:
             f"llm.max_text_len {cfg.llm.max_text_len} + end token): merge more (connector.r) or shorten"
         )
     return Plan(num_tokens=num_tokens, protected=protected, rs=rs, token_schedule=counts)
+
+
+def _check_connector_keys(cfg: Config) -> None:
+    """Keys that do not apply to the chosen connector kind or objective fail rather than being ignored."""
+    c = cfg.connector
+    if c.kind != "tomeformer" and any(merge_schedule(c.arch.num_hidden_layers, c.r, c.r_inflection)):
+        raise ConfigError(f"connector.r merges tokens in the TomeFormer only; set connector.r=0 for {c.kind}")
+    if c.kind == "mlp" and c.init is not None:
+        raise ConfigError("connector.init names a BERT; the mlp connector has none: set connector.init=null")
+    if c.init_from is not None and c.kind != "qformer":
+        raise ConfigError(
+            f"connector.init_from hands a Q-Former stage-1 model over; connector.kind is {c.kind}"
+        )
+    if c.kind == "qformer" and (c.num_queries < 1 or c.cross_attention_freq < 1):
+        raise ConfigError("connector.num_queries and connector.cross_attention_freq must be >= 1")
+    if cfg.train.objective == STAGE1_OBJECTIVE:
+        if c.kind != "qformer":
+            raise ConfigError(
+                f"train.objective={STAGE1_OBJECTIVE} trains a Q-Former; connector.kind is {c.kind}"
+            )
+        if c.init_from is not None:
+            raise ConfigError("connector.init_from starts stage 2 from stage 1; stage 1 itself cannot use it")
+        if not 3 <= c.text_max_len <= c.arch.max_position_embeddings:
+            raise ConfigError(
+                f"connector.text_max_len={c.text_max_len} must be in [3, "
+                f"connector.arch.max_position_embeddings={c.arch.max_position_embeddings}]"
+            )
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -107,18 +150,55 @@ def build_vision(cfg: VisionConfig, *, random_weights: bool = False) -> VisionTo
     return VisionTower(model, cfg.family, cfg.layer)
 
 
-def build_connector(cfg: ConnectorConfig, p: Plan, *, random_weights: bool = False) -> TomeFormer:
-    max_pos = cfg.max_positions or max(cfg.arch.max_position_embeddings, p.num_tokens)
-    if cfg.init is None or random_weights:
-        shape = dataclasses.replace(cfg.arch, max_position_embeddings=max_pos)
-        return TomeFormer(shape, r=p.rs, merge_mode=cfg.merge_mode, protected=p.protected)
-    from transformers import BertModel
+def load_bert(cfg: ConnectorConfig, *, with_head: bool = False) -> tuple[Any, Any]:
+    """(BertModel, its MLM head or None) from `connector.init`, checked against `connector.arch`."""
+    from transformers import BertForMaskedLM, BertModel
 
-    bert = BertModel.from_pretrained(cfg.init, revision=cfg.revision, add_pooling_layer=False)
+    if with_head:  # the Q-Former's ITG head starts from BERT's MLM head transform, as in BLIP-2
+        mlm = BertForMaskedLM.from_pretrained(cfg.init, revision=cfg.revision)
+        bert, head = mlm.bert, mlm.cls
+    else:
+        bert, head = BertModel.from_pretrained(cfg.init, revision=cfg.revision, add_pooling_layer=False), None
     arch = dataclasses.asdict(cfg.arch)
     arch.pop("num_hidden_layers")  # the connector may keep only the first k layers
     arch.pop("max_position_embeddings")  # may be extended by interpolation
     _check_arch(bert.config, arch, "connector.arch")
+    return bert, head
+
+
+def build_connector(
+    cfg: ConnectorConfig,
+    p: Plan,
+    *,
+    random_weights: bool = False,
+    encoder_width: int | None = None,
+    llm_width: int | None = None,
+    bert: Any = None,
+) -> Connector:
+    """The connector of `cfg.kind`. encoder_width: the tower's width (Q-Former, MLP); llm_width: the
+    LM's (MLP); bert: an already loaded BertModel to start from (else `cfg.init` is loaded)."""
+    if cfg.kind == "mlp":
+        if encoder_width is None or llm_width is None:
+            raise ValueError("the mlp connector needs encoder_width and llm_width")
+        return MLPProjector(encoder_width, llm_width)
+    if cfg.kind == "qformer":
+        if encoder_width is None:
+            raise ValueError("the Q-Former needs encoder_width (the tower's width)")
+        if cfg.init is None or random_weights:
+            return QFormer(cfg.arch, cfg.num_queries, encoder_width, cfg.cross_attention_freq)
+        bert = bert if bert is not None else load_bert(cfg)[0]
+        return QFormer.from_bert(
+            bert,
+            cfg.num_queries,
+            encoder_width,
+            cfg.cross_attention_freq,
+            num_layers=cfg.arch.num_hidden_layers,
+        )
+    max_pos = cfg.max_positions or max(cfg.arch.max_position_embeddings, p.num_tokens)
+    if cfg.init is None or random_weights:
+        shape = dataclasses.replace(cfg.arch, max_position_embeddings=max_pos)
+        return TomeFormer(shape, r=p.rs, merge_mode=cfg.merge_mode, protected=p.protected)
+    bert = bert if bert is not None else load_bert(cfg)[0]
     return TomeFormer.from_bert(
         bert,
         r=p.rs,
@@ -162,40 +242,129 @@ def build_llm(cfg: LLMConfig, *, random_weights: bool = False) -> FrozenLM:
     )
 
 
+def build_text_tokenizer(cfg: Config, *, random_weights: bool = False) -> Any:
+    """The Q-Former text path's tokenizer: `connector.text_tokenizer`, else the LM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    source, revision = cfg.connector.text_tokenizer, None
+    if source is None:
+        source, revision = cfg.llm.tokenizer or cfg.llm.name_or_path, cfg.llm.revision
+    if source is None or source == "byte":
+        return byte_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision)
+    except (OSError, ValueError):
+        if not random_weights:
+            raise
+        log.warning("Q-Former text tokenizer %s not available offline; using the byte tokenizer", source)
+        return byte_tokenizer()
+
+
 def build_vlm(
     cfg: Config, *, random_weights: bool = False, connector_init: bool = True, log_table: bool = True
 ) -> VLM:
-    """Build, compose, freeze; returned in eval mode. connector_init=False skips the BERT download."""
+    """Build, compose, freeze; returned in eval mode.
+
+    connector_init=False skips the connector's starting weights (the BERT download, a stage-1 model
+    named by connector.init_from): from_pretrained loads its own right after.
+    """
     p = plan(cfg)
+    c = cfg.connector
+    stage1 = cfg.train.objective == STAGE1_OBJECTIVE
+    fresh = random_weights or not connector_init
     vision = build_vision(cfg.vision, random_weights=random_weights)
-    connector = build_connector(cfg.connector, p, random_weights=random_weights or not connector_init)
-    llm = build_llm(cfg.llm, random_weights=random_weights)
-    vlm = VLM(vision, connector, llm)
+    # The MLP ends at the LM's width, so its LM is built first; the other kinds keep the seed order
+    # tower -> connector -> LM.
+    llm = build_llm(cfg.llm, random_weights=random_weights) if c.kind == "mlp" else None
+    bert, head = (None, None)
+    if c.kind != "mlp" and c.init is not None and not fresh and c.init_from is None:
+        bert, head = load_bert(c, with_head=stage1)
+    connector = build_connector(
+        c,
+        p,
+        random_weights=fresh or c.init_from is not None,
+        encoder_width=vision.hidden_size,
+        llm_width=None if llm is None else llm.hidden_size,
+        bert=bert,
+    )
+    heads = None
+    if stage1:
+        text = QFormerText(build_text_tokenizer(cfg, random_weights=random_weights), c.text_max_len)
+        heads = QFormerStage1(connector, text, c.arch.max_position_embeddings, c.embed_dim)
+        if bert is not None:
+            heads.load_bert(bert, head)
+    elif llm is None:
+        llm = build_llm(cfg.llm, random_weights=random_weights)
+    vlm = VLM(vision, connector, llm, stage1=heads)
     vlm.config = cfg
+    if c.init_from is not None and not fresh:
+        init_from_stage1(vlm, c.init_from)
     vlm.freeze(log_table=log_table)
     return vlm.eval()  # like transformers' from_pretrained; training code calls .train()
+
+
+def stage1_model_dir(path: str | Path) -> Path:
+    """The model directory of a stage-1 run: the path itself, or its `model/` (a run or checkpoint)."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / WEIGHTS_FILE).is_file() and (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"connector.init_from={path}: no {WEIGHTS_FILE} + {CONFIG_FILE} there or in its model/ folder"
+    )
+
+
+def init_from_stage1(vlm: VLM, path: str | Path) -> None:
+    """Start a Q-Former stage-2 VLM from a stage-1 model: ln_vision and the Q-Former, strictly.
+
+    Every stage-1 key is loaded or on qformer.STAGE1_ONLY; every stage-2 key is loaded or on
+    qformer.STAGE2_ONLY (llm_proj); a missing, unexpected or mis-shaped key fails naming it.
+    """
+    directory = stage1_model_dir(path)
+    saved = load_checkpoint_config(directory)
+    if saved.train.objective != STAGE1_OBJECTIVE or saved.connector.kind != "qformer":
+        raise ConfigError(
+            f"connector.init_from={path} is not a Q-Former stage-1 model (train.objective "
+            f"{saved.train.objective!r}, connector.kind {saved.connector.kind!r})"
+        )
+    cfg: Config = vlm.config
+    for key in ("family", "layer", "arch"):
+        if getattr(saved.vision, key) != getattr(cfg.vision, key):
+            raise ConfigError(
+                f"connector.init_from={path} was trained on another tower: vision.{key} "
+                f"{getattr(saved.vision, key)!r} there, {getattr(cfg.vision, key)!r} here"
+            )
+    weights = directory / WEIGHTS_FILE
+    state = handover_state(load_file(str(weights)), vlm.trainable_state_dict(), source=str(weights))
+    vlm.load_state_dict(state, strict=False)  # handover_state made the key set exact
+    log.info("stage 2 starts from the stage-1 Q-Former in %s (%d tensors)", directory, len(state))
 
 
 def describe(cfg: Config) -> dict[str, Any]:
     """Token schedule, connector MACs and parameter counts, from shapes alone (meta device)."""
     p = plan(cfg)
-    # Counting needs no vocabulary: the byte tokenizer spares a tokenizer download.
-    counting = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tokenizer="byte"))
+    # Counting needs no LM vocabulary: the byte tokenizer spares a tokenizer download. The Q-Former's
+    # text path keeps its own (its word embeddings and ITG head are trainable), when available offline.
+    text = cfg.connector.text_tokenizer or cfg.llm.tokenizer or cfg.llm.name_or_path or "byte"
+    counting = dataclasses.replace(
+        cfg,
+        llm=dataclasses.replace(cfg.llm, tokenizer="byte"),
+        connector=dataclasses.replace(cfg.connector, text_tokenizer=text),
+    )
     with torch.device("meta"):
         vlm = build_vlm(counting, random_weights=True, log_table=False)
-    a = cfg.connector.arch
     trainable = sum(t.numel() for _, t in vlm.trainable_named_parameters())
     total = sum(t.numel() for t in vlm.parameters())
-    dv, dc, dl = vlm.vl_proj.in_features, vlm.vl_proj.out_features, vlm.llm_proj.out_features
     return {
         "preset": cfg.name,
+        "connector_kind": cfg.connector.kind,
+        "objective": cfg.train.objective,
         "visual_tokens": p.num_tokens,
         "protected_tokens": p.protected,
         "merge_schedule": p.rs,
         "token_schedule": p.token_schedule,
         "llm_visual_tokens": p.token_schedule[-1],
-        "connector_macs": tomeformer_macs(p.token_schedule, a.hidden_size, a.intermediate_size),
-        "projection_macs": p.num_tokens * dv * dc + p.token_schedule[-1] * dc * dl,
+        **connector_costs(counting, p, vlm),
         "trainable_params": trainable,
         "frozen_params": total - trainable,
         "parts": {
@@ -206,6 +375,47 @@ def describe(cfg: Config) -> dict[str, Any]:
             for name, m in vlm.named_children()
         },
     }
+
+
+def connector_costs(cfg: Config, p: Plan, vlm: VLM) -> dict[str, Any]:
+    """Linear-layer MACs per image: `connector_macs` (what this config trains: the Q-Former's stage-1
+    objective counts its text passes too), `projection_macs` (vl_proj + llm_proj) and, for the
+    Q-Former, both stages apart (`qformer_macs`)."""
+    c, a = cfg.connector, cfg.connector.arch
+    dv, n = vlm.vision.hidden_size, p.num_tokens
+    dl = None if vlm.llm is None else vlm.llm.hidden_size
+    if c.kind == "mlp":
+        return {"connector_macs": mlp_macs(n, dv, dl), "projection_macs": 0}
+    if c.kind == "tomeformer":
+        dc = a.hidden_size
+        return {
+            "connector_macs": tomeformer_macs(p.token_schedule, a.hidden_size, a.intermediate_size),
+            "projection_macs": n * dv * dc + p.token_schedule[-1] * dc * dl,
+        }
+    stage2 = qformer_macs(c.num_queries, n, dv, a, c.cross_attention_freq)
+    stage1 = qformer_stage1_macs(
+        c.num_queries,
+        n,
+        dv,
+        a,
+        c.cross_attention_freq,
+        c.text_max_len,
+        _text_vocab_size(cfg, vlm),
+        c.embed_dim,
+    )
+    trains_stage1 = vlm.llm is None
+    return {
+        "connector_macs": stage1["total"] if trains_stage1 else stage2,
+        "projection_macs": 0 if trains_stage1 else c.num_queries * a.hidden_size * dl,
+        "qformer_macs": {"stage1": stage1, "stage2": stage2},
+    }
+
+
+def _text_vocab_size(cfg: Config, vlm: VLM) -> int:
+    # The ITG head's cost depends on the text vocabulary (BLIP-2: bert-base-uncased + [DEC] = 30523).
+    if vlm.llm is None:
+        return vlm.stage1.text.vocab_size
+    return QFormerText(build_text_tokenizer(cfg, random_weights=True), cfg.connector.text_max_len).vocab_size
 
 
 # -------------------------------------------------------------------------------------------------
@@ -233,7 +443,7 @@ def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
         cfg = dataclasses.replace(
             cfg, vision=dataclasses.replace(cfg.vision, name_or_path=LOCAL_PREFIX + "vision")
         )
-    if _embedded(cfg.llm.name_or_path):
+    if vlm.llm is not None and _embedded(cfg.llm.name_or_path):  # Q-Former stage 1 has no LM
         vlm.llm.model.save_pretrained(tmp / "llm")
         vlm.llm.tokenizer.save_pretrained(tmp / "llm")
         cfg = dataclasses.replace(
@@ -261,7 +471,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name, t in sorted(state.items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()
 
 

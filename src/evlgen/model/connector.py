@@ -150,6 +150,10 @@ class TomeFormer(nn.Module):
     attention logits, as in ToMe).
     """
 
+    # VLM glue: vl_proj maps the tower to the hidden size, llm_proj maps the hidden size to the LM.
+    reads_tower_width = False
+    writes_llm_width = False
+
     def __init__(
         self,
         shape: BertShape,

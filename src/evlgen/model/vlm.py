@@ -1,8 +1,14 @@
-"""The EVLGen model: frozen vision tower -> ln_vision -> VL_proj -> TomeFormer -> LLM_proj -> frozen LM.
+"""The EVLGen model: frozen vision tower -> ln_vision -> VL_proj -> connector -> LLM_proj -> frozen LM.
 
 The only module that knows all three parts. It receives them already built (see build.py), owns the
 small trainable glue (ln_vision and the two projections), decides what is frozen, and saves exactly
 the trainable weights.
+
+Connectors (TomeFormer, QFormer, MLPProjector) state which widths they bridge themselves:
+`reads_tower_width` (no vl_proj: the Q-Former's cross-attention and the MLP read the tower width)
+and `writes_llm_width` (no llm_proj: the MLP ends at the LM width); an absent projection is an
+`nn.Identity` with no weights. Q-Former stage 1 (`stage1`, BLIP-2's ITC + ITM + ITG) has no LM at
+all: `llm` is None and the forward returns the stage-1 losses.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ from torch import Tensor, nn
 
 from evlgen.model.connector import TomeFormer, check_state_dict
 from evlgen.model.llm import FrozenLM, LMOutput
+from evlgen.model.mlp import MLPProjector
+from evlgen.model.qformer import QFormer, QFormerStage1, Stage1Output
 from evlgen.model.vision import VisionTower
+
+Connector = TomeFormer | QFormer | MLPProjector
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +41,41 @@ class VLM(nn.Module):
     as in the paper's video path.
     """
 
-    def __init__(self, vision: VisionTower, connector: TomeFormer, llm: FrozenLM) -> None:
+    def __init__(
+        self,
+        vision: VisionTower,
+        connector: Connector,
+        llm: FrozenLM | None,
+        stage1: QFormerStage1 | None = None,
+    ) -> None:
         super().__init__()
+        if (llm is None) != (stage1 is not None):
+            raise ValueError("a VLM has an LM (generative training) or Q-Former stage-1 heads, exactly one")
         self.vision = vision
         self.connector = connector
         self.llm = llm
+        dv = vision.hidden_size
         # Trainable and freshly initialised, as in the reference: BLIP-2's own trained ln_vision is
         # the tower's post_layernorm, which VisionTower never applies.
-        self.ln_vision = nn.LayerNorm(vision.hidden_size)
-        self.vl_proj = nn.Linear(vision.hidden_size, connector.hidden_size)
-        self.llm_proj = nn.Linear(connector.hidden_size, llm.hidden_size)
+        self.ln_vision = nn.LayerNorm(dv)
+        if connector.reads_tower_width:
+            if connector.input_size != dv:
+                raise ValueError(f"the connector reads width {connector.input_size}, the tower gives {dv}")
+            self.vl_proj: nn.Module = nn.Identity()
+        else:
+            self.vl_proj = nn.Linear(dv, connector.hidden_size)
+        if llm is None:
+            self.llm_proj: nn.Module = nn.Identity()
+        elif connector.writes_llm_width:
+            if connector.hidden_size != llm.hidden_size:
+                raise ValueError(
+                    f"the connector writes width {connector.hidden_size}, the LM reads {llm.hidden_size}"
+                )
+            self.llm_proj = nn.Identity()
+        else:
+            self.llm_proj = nn.Linear(connector.hidden_size, llm.hidden_size)
+        if stage1 is not None:
+            self.stage1 = stage1
         self.config = None  # the resolved evlgen Config, attached by build.build_vlm
 
     # -- freezing ------------------------------------------------------------------------------
@@ -71,7 +106,9 @@ class VLM(nn.Module):
         # Frozen parts stay in eval mode whatever the caller asks: no dropout, fixed norm statistics.
         super().train(mode)
         for name in FROZEN_PARTS:
-            getattr(self, name).eval()
+            part = getattr(self, name)
+            if part is not None:
+                part.eval()
         return self
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -113,8 +150,16 @@ class VLM(nn.Module):
 
     def forward(
         self, pixels: Tensor | None, prompts: list[str], targets: list[str], features: Tensor | None = None
-    ) -> LMOutput:
-        """Next-token cross-entropy on the targets only."""
+    ) -> LMOutput | Stage1Output:
+        """Next-token cross-entropy on the targets only; in Q-Former stage 1, its ITC + ITM + ITG
+        losses on the targets (prompts are not read)."""
+        if self.llm is None:
+            if features is None:
+                if pixels is None:
+                    raise ValueError("forward needs pixels or features")
+                features = self.tower_features(pixels)
+            image = self.vl_proj(self.ln_vision(features.to(self.ln_vision.weight.dtype)))  # [B, N, Dv]
+            return self.stage1(self.connector, image, targets)
         prefix, mask = self.encode(pixels, features)
         return self.llm(prefix, prompts, targets, prefix_mask=mask)
 
@@ -123,6 +168,11 @@ class VLM(nn.Module):
         self, pixels: Tensor | None, prompts: list[str], features: Tensor | None = None, **kwargs: object
     ) -> list[str]:
         """Decoded continuations of each prompt; kwargs go to FrozenLM.generate (num_beams, ...)."""
+        if self.llm is None:
+            raise ValueError(
+                "a Q-Former stage-1 model has no LM to generate with; train stage 2 from it "
+                "(connector.init_from=<this model>)"
+            )
         prefix, mask = self.encode(pixels, features)
         return self.llm.generate(prefix, prompts, prefix_mask=mask, **kwargs)
 

@@ -1,5 +1,10 @@
 """The training loop behind `evlgen train`: plain PyTorch, iteration-based, one loss.
 
+`train.objective` picks the loss and nothing else: `lm` (next-token loss through the frozen LM) or
+`qformer-stage1` (BLIP-2's ITC + ITM + ITG on the Q-Former, no LM; its validation loss is the summed
+losses per sample and there are no sample captions). A loss's parts (itc, itm, itg) are logged beside
+it as loss_<part>.
+
 One step = `grad_accum` micro-batches (DDP gradient sync only on the last), clipping, an AdamW update
 at the step's scheduled learning rate. Around it: bad-sample and non-finite-loss accounting agreed by
 all ranks every step, periodic validation loss and sample captions, checkpoints that resume exactly,
@@ -139,7 +144,11 @@ def _evaluate(vlm: VLM, batches: list[Batch], prec: Precision, dist: Dist) -> fl
     was_training = vlm.training
     vlm.eval()
     total, tokens = 0.0, 0.0
-    with torch.no_grad(), autocast(prec, dist.device):
+    devices = [dist.device] if dist.device.type == "cuda" else []
+    # Stage 1 draws its ITM negatives at random: a fixed draw makes validations comparable, and the
+    # fork leaves the training stream's RNG (hence exact resume) untouched.
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), autocast(prec, dist.device):
+        torch.manual_seed(0)
         for batch in batches[dist.rank :: dist.world_size]:
             pixels, features = _inputs(batch, dist.device)
             out = vlm(pixels, batch.prompts, batch.targets, features=features)
@@ -265,6 +274,7 @@ def train(
     val_batches, _ = fixed_batches(val_source, eval_maker, dc.val_samples, tc.batch_size)
     if not val_batches and (tc.val_every or tc.sample_every):
         log.warning("no usable validation samples: validation loss and sample captions are off")
+    sample_every = tc.sample_every if vlm.llm is not None else 0  # Q-Former stage 1 has no LM to caption
 
     if ckpt is not None and same_layout:
         ckpt_io.restore_rng(ckpt_io.load_rng(ckpt, dist.rank))
@@ -307,6 +317,7 @@ def train(
     loader = make_loader(stream, dc.num_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
     window = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter(), "grad_norm": 0.0}
+    parts_window: dict[str, float] = {}
     nonfinite_run = 0
     last_loss = float("nan")
     done = start
@@ -316,6 +327,7 @@ def train(
             lr = lr_at(step, tc)
             set_lr(optimizer, lr)
             loss_sum, local_images, local_bad, local_nonfinite = 0.0, 0, 0, False
+            parts_sum: dict[str, float] = {}
             examples: list[list[str]] = []
             for micro in range(tc.grad_accum):
                 batch: Batch = next(batches)
@@ -333,13 +345,16 @@ def train(
                     with autocast(prec, device):
                         if len(batch):
                             pixels, features = _inputs(batch, device)
-                            loss = model(pixels, batch.prompts, batch.targets, features=features).loss
+                            out = model(pixels, batch.prompts, batch.targets, features=features)
+                            loss, parts = out.loss, getattr(out, "parts", {})
                         else:
-                            loss = _dummy_loss(model, vlm, device)
+                            loss, parts = _dummy_loss(model, vlm, device), {}
                     if not torch.isfinite(loss):
                         local_nonfinite = True
                     scaler.scale(loss / tc.grad_accum).backward()
                 loss_sum += loss.detach().float().item() / tc.grad_accum
+                for k, v in parts.items():  # read after backward: no extra device sync before it
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / tc.grad_accum
             # One small all-reduce per step keeps every rank's decisions identical.
             flag_nf, images, bad, stop_flag = dist.all_sum(
                 [float(local_nonfinite), local_images, local_bad, float(stop.requested)]
@@ -388,15 +403,21 @@ def train(
                 last_loss = loss_sum
                 window["loss"] += loss_sum
                 window["n"] += 1
+                for k, v in parts_sum.items():
+                    parts_window[k] = parts_window.get(k, 0.0) + v
                 window["grad_norm"] += float(grad_norm)
             window["images"] += int(images)
             done = step + 1
 
             if done % tc.log_every == 0 or done == tc.steps:
-                mean_loss, n = dist.all_sum([window["loss"], window["n"]])
+                names = sorted(parts_window)
+                mean_loss, n, *part_sums = dist.all_sum(
+                    [window["loss"], window["n"], *(parts_window[k] for k in names)]
+                )
                 elapsed = time.perf_counter() - window["t"]
                 metrics = {
                     "loss": mean_loss / max(n, 1) if n else float("nan"),
+                    **{f"loss_{k}": v / max(n, 1) for k, v in zip(names, part_sums, strict=True)},
                     "lr": lr,
                     "images_per_s": window["images"] / max(elapsed, 1e-9),
                     "grad_norm": window["grad_norm"] / max(window["n"], 1),
@@ -405,9 +426,10 @@ def train(
                 }
                 logger.log(done, metrics)
                 window = {"loss": 0.0, "n": 0, "images": 0, "t": time.perf_counter(), "grad_norm": 0.0}
+                parts_window = {}
             if val_batches and tc.val_every and done % tc.val_every == 0:
                 logger.log(done, {"loss": _evaluate(vlm, val_batches, prec, dist)}, kind="val")
-            if val_batches and tc.sample_every and done % tc.sample_every == 0 and dist.is_main:
+            if val_batches and sample_every and done % sample_every == 0 and dist.is_main:
                 logger.log_text(done, "captions", _samples(vlm, val_batches[0], cfg, prec, device))
             if done % tc.ckpt_every == 0 or done == tc.steps or stop_flag > 0:
                 save(done)
