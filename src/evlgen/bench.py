@@ -339,8 +339,8 @@ def bench_train(
 CONNECTOR_VARIANTS: dict[str, tuple[str, ...]] = {
     "tomeformer": (),
     "tomeformer-r0": ("connector.r=0",),
-    "qformer": ("connector.kind=qformer",),
-    "mlp": ("connector.kind=mlp",),
+    "qformer": ("connector.kind=qformer", "connector.r=0"),
+    "mlp": ("connector.kind=mlp", "connector.r=0", "connector.init=null"),
 }
 
 

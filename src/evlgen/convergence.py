@@ -46,7 +46,7 @@ class Contender:
 def contenders(stage1_steps: int = 400) -> dict[str, Contender]:
     """The shipped comparison. The demo config's TomeFormer (4 layers, hidden 128, r=10: 65 -> 25 tokens)
     is the reference; the Q-Former uses the same layer shape with 32 learned queries."""
-    qformer = ("connector.kind=qformer", "connector.num_queries=32")
+    qformer = ("connector.kind=qformer", "connector.r=0", "connector.num_queries=32")
     return {
         "tomeformer": Contender("tomeformer"),
         "tomeformer-r0": Contender("tomeformer-r0", ("connector.r=0",)),
@@ -57,7 +57,7 @@ def contenders(stage1_steps: int = 400) -> dict[str, Contender]:
             stage1=(*qformer, "train.objective=qformer-stage1"),
             stage1_steps=stage1_steps,
         ),
-        "mlp": Contender("mlp", ("connector.kind=mlp",)),
+        "mlp": Contender("mlp", ("connector.kind=mlp", "connector.r=0")),
     }
 
 
