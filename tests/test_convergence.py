@@ -147,5 +147,27 @@ def test_convergence_miniature_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| tomeformer-r0 |" in report and "Tower ceiling" in report
 
+    # Run again: every (contender, seed) is read back from its result.json instead of retrained.
+    stamp = (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns
+    again = run_convergence(
+        out,
+        names=["tomeformer"],
+        seeds=[0],
+        budgets=[4, 2],
+        eval_samples=6,
+        overrides=[
+            "train.batch_size=8",
+            "data.num_workers=0",
+            "caption.num_beams=1",
+            "caption.max_new_tokens=6",
+        ],
+        sizes=SIZES,
+        recipe=TINY,
+        cache_dir=str(tmp_path / "cache"),
+        probe_scenes=(40, 20),
+    )
+    assert (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns == stamp
+    assert again["contenders"]["tomeformer"]["runs"]["0"] == results["contenders"]["tomeformer"]["runs"]["0"]
+
     with pytest.raises(ConfigError, match="unknown contenders"):
         run_convergence(tmp_path / "x", names=["resnet"])

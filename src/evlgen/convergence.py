@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evlgen.config import Config, ConfigError, with_overrides
+from evlgen.config import Config, ConfigError, to_dict, with_overrides
+from evlgen.fsutil import atomic_write_bytes
 
 METRICS = ("attribute_accuracy", "cider")
 
@@ -135,6 +136,52 @@ def _train(cfg: Config, run_dir: Path, cache_dir: str | None) -> dict[str, Any]:
     return train(cfg, run_dir, cache_dir=cache_dir)
 
 
+def _measure(
+    c: Contender,
+    base: Config,
+    seed: int,
+    budgets: list[int],
+    every: int,
+    eval_samples: int,
+    run_root: Path,
+    world_dir: Path,
+    cache_dir: str | None,
+) -> dict[str, Any]:
+    """Train one contender for one seed (both stages) and score its checkpoints at the budgets."""
+    from evlgen.model.vlm import VLM
+    from evlgen.synth.demo import caption_quality
+    from evlgen.train.checkpoint import MODEL, list_checkpoints
+
+    extra = list(c.overrides)
+    stage1_seconds = 0.0
+    if c.stage1 is not None:
+        cfg1 = _run_config(base, c.stage1, seed=seed, steps=c.stage1_steps, every=c.stage1_steps)
+        s1 = _train(cfg1, run_root / "stage1", cache_dir)
+        curve1 = step_seconds(run_root / "stage1" / "metrics.jsonl", cfg1.train.batch_size)
+        stage1_seconds = seconds_at(curve1, c.stage1_steps)
+        extra.append(f"connector.init_from={s1['model']}")
+    cfg = _run_config(base, extra, seed=seed, steps=budgets[-1], every=every)
+    t0 = time.perf_counter()
+    _train(cfg, run_root / "stage2", cache_dir)
+    curve = step_seconds(run_root / "stage2" / "metrics.jsonl", cfg.train.batch_size)
+    points = []
+    for ckpt in list_checkpoints(run_root / "stage2"):
+        step = int(ckpt.name.split("-")[-1])
+        if step not in budgets:
+            continue
+        vlm = VLM.from_pretrained(ckpt / MODEL).eval()
+        q = caption_quality(vlm, cfg, world_dir, "test", max_samples=eval_samples)
+        points.append(
+            {
+                "step": step,
+                "total_steps": step + c.stage1_steps * (c.stage1 is not None),
+                "seconds": seconds_at(curve, step) + stage1_seconds,
+                **{m: q.metrics[m] for m in METRICS},
+            }
+        )
+    return {"points": points, "stage1_seconds": stage1_seconds, "wall_seconds": time.perf_counter() - t0}
+
+
 def run_convergence(
     out: str | Path,
     *,
@@ -153,12 +200,10 @@ def run_convergence(
 ) -> dict[str, Any]:
     """Train and score every contender; write results.json, report.md and plots into `out`."""
     from evlgen.model.build import build_vision
-    from evlgen.model.vlm import VLM
     from evlgen.synth import world
     from evlgen.synth.backbones import Recipe, ensure_backbones
-    from evlgen.synth.demo import caption_quality, demo_config, from_features
+    from evlgen.synth.demo import demo_config, from_features
     from evlgen.synth.probe import tower_ceiling
-    from evlgen.train.checkpoint import MODEL, list_checkpoints
 
     known = contenders(stage1_steps)
     unknown = [n for n in names if n not in known]
@@ -200,49 +245,33 @@ def run_convergence(
     }
     for name in names:
         c = known[name]
-        entry: dict[str, Any] = {"overrides": list(c.overrides), "stage1": c.stage1, "runs": {}}
-        for seed in seeds:
+        results["contenders"][name] = {"overrides": list(c.overrides), "stage1": c.stage1, "runs": {}}
+    # Seed-major, so that a bench stopped early holds every contender for the first seeds.
+    for seed in seeds:
+        for name in names:
+            c = known[name]
             run_root = out / "runs" / f"{name}-seed{seed}"
-            print(f"{name} seed {seed}", file=sys.stderr)
-            extra = list(c.overrides)
-            stage1_seconds = 0.0
-            if c.stage1 is not None:
-                cfg1 = _run_config(base, c.stage1, seed=seed, steps=c.stage1_steps, every=c.stage1_steps)
-                s1 = _train(cfg1, run_root / "stage1", cache_dir)
-                stage1_seconds = seconds_at(
-                    step_seconds(run_root / "stage1" / "metrics.jsonl", cfg1.train.batch_size), c.stage1_steps
-                )
-                extra.append(f"connector.init_from={s1['model']}")
-            cfg = _run_config(base, extra, seed=seed, steps=budgets[-1], every=every)
-            t0 = time.perf_counter()
-            _train(cfg, run_root / "stage2", cache_dir)
-            curve = step_seconds(run_root / "stage2" / "metrics.jsonl", cfg.train.batch_size)
-            points = []
-            for ckpt in list_checkpoints(run_root / "stage2"):
-                step = int(ckpt.name.split("-")[-1])
-                if step not in budgets:
-                    continue
-                vlm = VLM.from_pretrained(ckpt / MODEL).eval()
-                q = caption_quality(vlm, cfg, world_dir, "test", max_samples=eval_samples)
-                points.append(
-                    {
-                        "step": step,
-                        "total_steps": step + c.stage1_steps * (c.stage1 is not None),
-                        "seconds": seconds_at(curve, step) + stage1_seconds,
-                        **{m: q.metrics[m] for m in METRICS},
-                    }
-                )
-            entry["runs"][str(seed)] = {
-                "points": points,
-                "stage1_seconds": stage1_seconds,
-                "wall_seconds": time.perf_counter() - t0,
+            key = {
+                "base": to_dict(base),
+                "contender": dataclasses.asdict(c),
+                "seed": seed,
+                "budgets": budgets,
+                "eval_samples": eval_samples,
             }
-            last = points[-1]
+            done = run_root / "result.json"
+            if done.is_file() and json.loads(done.read_text()).get("key") == json.loads(json.dumps(key)):
+                print(f"{name} seed {seed}: measured before, reused", file=sys.stderr)
+                run = json.loads(done.read_text())["run"]
+            else:
+                print(f"{name} seed {seed}", file=sys.stderr)
+                run = _measure(c, base, seed, budgets, every, eval_samples, run_root, world_dir, cache_dir)
+                atomic_write_bytes(done, json.dumps({"key": key, "run": run}).encode())
+            results["contenders"][name]["runs"][str(seed)] = run
+            last = run["points"][-1]
             print(
                 f"  -> {', '.join(f'{m} {last[m]:.3f}' for m in METRICS)}, {last['seconds']:.0f} s",
                 file=sys.stderr,
             )
-        results["contenders"][name] = entry
     results["summary"] = summarise(results, target)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out)
