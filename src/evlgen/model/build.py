@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from evlgen.config import Config, ConfigError, ConnectorConfig, LLMConfig, VisionConfig, dump_yaml, from_dict
 from evlgen.fsutil import fsync_tree
-from evlgen.model.connector import TomeFormer, tomeformer_macs
+from evlgen.model.connector import TomeFormer, check_state_dict, tomeformer_macs
 from evlgen.model.llm import FrozenLM
 from evlgen.model.merge import merge_schedule, token_schedule
+from evlgen.model.temporal import FrameTokens, concat_merge_schedule, temporal_modules
 from evlgen.model.tokenizer import byte_tokenizer
 from evlgen.model.vision import VisionTower, load_vision_model, random_vision_model
 from evlgen.model.vlm import VLM
@@ -32,6 +33,8 @@ from evlgen.model.vlm import VLM
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+# Trainable weights a video model may have that an image checkpoint lacks (`train.init_from`).
+VIDEO_KEYS = ("vision.block_adapters.", "frame_tokens.")
 CONFIG_FILE = "config.yaml"
 # Marks a frozen part saved inside the checkpoint directory (random or locally trained weights).
 LOCAL_PREFIX = "./"
@@ -42,9 +45,9 @@ class Plan:
     """What a config implies, computed from numbers alone (no weights)."""
 
     num_tokens: int  # visual tokens per frame out of the tower
-    protected: int  # 1 when the tower has a CLS token
+    protected: int  # tokens the connector never merges: the CLS (one per frame with concat frames)
     rs: list[int]  # tokens merged at each connector layer
-    token_schedule: list[int]  # tokens entering each layer, then the output count
+    token_schedule: list[int]  # tokens entering each layer (T x N with concat frames), then the output count
 
 
 def plan(cfg: Config) -> Plan:
@@ -65,6 +68,20 @@ def plan(cfg: Config) -> Plan:
         counts = token_schedule(num_tokens, rs, protected)
     except ValueError as e:
         raise ConfigError(f"connector.r: {e}") from None
+    _check_video(cfg)
+    frames = cfg.data.frames
+    if cfg.video.frames_to_connector == "concat":
+        # Every frame's tokens enter the connector; its CLS tokens stay, so the output has T - 1 more.
+        final = counts[-1] + (frames - 1) * protected
+        num_in, protected = frames * num_tokens, frames * protected
+        try:
+            if cfg.video.r is None:
+                rs = concat_merge_schedule(num_in, c.arch.num_hidden_layers, final, protected)
+            else:
+                rs = merge_schedule(c.arch.num_hidden_layers, cfg.video.r)
+            counts = token_schedule(num_in, rs, protected)
+        except ValueError as e:
+            raise ConfigError(f"video.r ({frames} frames x {num_tokens} tokens): {e}") from None
     if c.max_positions is not None and c.max_positions < num_tokens:
         raise ConfigError(f"connector.max_positions={c.max_positions} < {num_tokens} visual tokens")
     # Visual prefix + prompt + target + end token must fit the LM's position table (OPT's is learned).
@@ -77,6 +94,26 @@ def plan(cfg: Config) -> Plan:
             f"llm.max_text_len {cfg.llm.max_text_len} + end token): merge more (connector.r) or shorten"
         )
     return Plan(num_tokens=num_tokens, protected=protected, rs=rs, token_schedule=counts)
+
+
+def _check_video(cfg: Config) -> None:
+    v, frames = cfg.video, cfg.data.frames
+    if frames < 1:
+        raise ConfigError(f"data.frames must be at least 1, got {frames}")
+    if v.r is not None and v.frames_to_connector != "concat":
+        raise ConfigError("video.r sets the merge schedule of frames_to_connector=concat; it is mean here")
+    if v.temporal != "none":
+        width = cfg.vision.arch.get("hidden_size")
+        if v.temporal_heads < 1 or v.temporal_dim % v.temporal_heads:
+            raise ConfigError(
+                f"video.temporal_dim {v.temporal_dim} must be a multiple of video.temporal_heads "
+                f"{v.temporal_heads}"
+            )
+        if isinstance(width, int) and width % v.temporal_heads:
+            raise ConfigError(
+                f"video.temporal_heads {v.temporal_heads} must divide the tower width "
+                f"vision.arch.hidden_size {width} (the values are the tower's own features, split by head)"
+            )
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -170,7 +207,21 @@ def build_vlm(
     vision = build_vision(cfg.vision, random_weights=random_weights)
     connector = build_connector(cfg.connector, p, random_weights=random_weights or not connector_init)
     llm = build_llm(cfg.llm, random_weights=random_weights)
-    vlm = VLM(vision, connector, llm)
+    v = cfg.video
+    vision.set_block_adapters(
+        temporal_modules(
+            v.temporal,
+            vision.hidden_size,
+            vision.num_blocks,
+            dim=v.temporal_dim,
+            heads=v.temporal_heads,
+            frames=cfg.data.frames,
+        )
+    )
+    frame_tokens = None
+    if v.frames_to_connector == "concat":
+        frame_tokens = FrameTokens(connector.hidden_size, cfg.data.frames, vision.num_protected)
+    vlm = VLM(vision, connector, llm, frame_tokens)
     vlm.config = cfg
     vlm.freeze(log_table=log_table)
     return vlm.eval()  # like transformers' from_pretrained; training code calls .train()
@@ -297,3 +348,32 @@ def from_pretrained(directory: str | Path) -> VLM:
     # Keep the config as saved (with ./ references) so a re-save copies those parts along.
     vlm.config = from_dict(Config, yaml.safe_load((directory / CONFIG_FILE).read_text()))
     return vlm
+
+
+def init_from_pretrained(vlm: VLM, directory: str | Path) -> list[str]:
+    """Start `vlm` from a saved model's trainable weights (`train.init_from`), e.g. video fine-tuning
+    from an image checkpoint. Every saved tensor must match by name and shape; of `vlm`'s own trainable
+    weights only the video modules may be absent (they keep their fresh init). Returns their names."""
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(
+            f"train.init_from: {directory} is not a saved evlgen model ({WEIGHTS_FILE} missing)"
+        )
+    state = load_file(str(weights))
+    own = vlm.trainable_state_dict()
+    fresh = sorted(k for k in own if k not in state and k.startswith(VIDEO_KEYS))
+    expected = {k: v for k, v in own.items() if k not in fresh}
+    check_state_dict(expected, state, str(weights), "the trainable parts of this run's model")
+    vlm.load_state_dict(state, strict=False)
+    saved = load_checkpoint_config(directory)
+    cfg = vlm.config
+    if cfg is not None:
+        for part in ("vision", "llm"):
+            a, b = getattr(saved, part).name_or_path, getattr(cfg, part).name_or_path
+            if a != b:
+                log.warning(
+                    "train.init_from: %s was trained with %s = %s, this run uses %s", directory, part, a, b
+                )
+    log.info("initialised from %s; fresh: %d video tensors", directory, len(fresh))
+    return fresh

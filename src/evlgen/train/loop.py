@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from evlgen.config import Config, ConfigError, dump_yaml, load_config, to_dict
-from evlgen.data.features import FeatureSource, tower_digest
+from evlgen.data.features import FeatureSource, refuse_trainable_tower, tower_digest
 from evlgen.data.pipeline import (
     Batch,
     TrainStream,
@@ -32,7 +32,7 @@ from evlgen.data.pipeline import (
     make_sample_maker,
     open_sources,
 )
-from evlgen.model.build import build_vlm, from_pretrained, state_digest
+from evlgen.model.build import build_vlm, from_pretrained, init_from_pretrained, state_digest
 from evlgen.model.vlm import VLM
 from evlgen.train import checkpoint as ckpt_io
 from evlgen.train.distributed import Dist
@@ -217,6 +217,8 @@ def train(
     torch.manual_seed(cfg.seed)  # identical random init on every rank
     if ckpt is None:
         vlm = build_vlm(cfg, log_table=dist.is_main)
+        if tc.init_from is not None:
+            init_from_pretrained(vlm, tc.init_from)
     else:
         vlm = from_pretrained(ckpt / ckpt_io.MODEL)
         vlm.config = cfg
@@ -246,6 +248,7 @@ def train(
     # -- data -------------------------------------------------------------------------------------
     caches = [s for s in sources if isinstance(s, FeatureSource)]
     if caches:
+        refuse_trainable_tower(cfg)
         digest = tower_digest(vlm.vision)
         for cache in caches:
             cache.check_compatible(cfg, digest)
