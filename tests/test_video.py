@@ -92,7 +92,9 @@ def test_clip_from_bytes(clip):
     assert _ids(frames) == [1, 5, 10, 14]
     check_video(data, 10_000, name="shard.tar:k")
     with pytest.raises(ImageLoadError, match="shard.tar:k"):
-        load_video_frames(data[: len(data) // 2], 4, train=False, generator=None, max_pixels=10_000, name="shard.tar:k")
+        load_video_frames(
+            data[: len(data) // 2], 4, train=False, generator=None, max_pixels=10_000, name="shard.tar:k"
+        )
 
 
 def test_eval_frames(clip):

@@ -56,9 +56,8 @@ def sample_frame_indices(
     if train and mode == "head-tail":
         head = (num_frames + 1) // 2
         half = max(1, total // 2)
-        return sorted(
-            _random_frames(0, half, head, generator) + _random_frames(half, total, num_frames - head, generator)
-        )
+        tail = _random_frames(half, total, num_frames - head, generator)
+        return sorted(_random_frames(0, half, head, generator) + tail)
     indices = []
     for j in range(num_frames):
         start = j * total // num_frames
