@@ -56,8 +56,8 @@ def sample_frame_indices(
     if train and mode == "head-tail":
         head = (num_frames + 1) // 2
         half = max(1, total // 2)
-        tail = _random_frames(half, total, num_frames - head, generator)
-        return sorted(_random_frames(0, half, head, generator) + tail)
+        first = _random_frames(0, half, head, generator)
+        return sorted(first + _random_frames(half, total, num_frames - head, generator))
     indices = []
     for j in range(num_frames):
         start = j * total // num_frames
