@@ -312,7 +312,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name, t in sorted(state.items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()
 
 
