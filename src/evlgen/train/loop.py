@@ -207,6 +207,11 @@ def train(
     if not dist.is_main:
         sources = open_sources(dc.train, cache_dir)
 
+    if ckpt is None and tc.init_from is not None and not (Path(tc.init_from) / "model.safetensors").is_file():
+        # Before a large model loads: init_from_pretrained would fail the same way, minutes later.
+        raise ConfigError(
+            f"train.init_from: {tc.init_from} is not a saved evlgen model (no model.safetensors)"
+        )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, saved_cfg)
