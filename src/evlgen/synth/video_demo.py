@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -151,7 +152,6 @@ def run_video_demo(
     print("2/3 video backbones (trained once, then cached)", file=sys.stderr)
     backbones = ensure_backbones(video_recipe(world_seed), cache_dir, progress=_bar)
     results_file = out / "results.json"
-    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     print("3/3 training and scoring the variants", file=sys.stderr)
     for seed in seeds:
         for variant in variants:
@@ -169,11 +169,15 @@ def run_video_demo(
                 "steps": summary["steps"],
                 "val_loss": summary["val_loss"],
             }
-            results[name] = metrics
             log.info("%s: %s", name, {k: v for k, v in metrics.items() if k != "examples"})
-            results_file.write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render_table(results))
-    return results
+            # Read again just before writing: other processes may fill other variants of the same `out`.
+            results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+            results[name] = metrics
+            tmp = results_file.with_name(f".results.{os.getpid()}.json")
+            tmp.write_text(json.dumps(results, indent=2))
+            tmp.replace(results_file)
+            (out / "report.md").write_text(render_table(results))
+    return json.loads(results_file.read_text())
 
 
 _COLUMNS = (
