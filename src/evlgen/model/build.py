@@ -246,7 +246,7 @@ def describe(cfg: Config) -> dict[str, Any]:
         "token_schedule": p.token_schedule,
         "llm_visual_tokens": p.token_schedule[-1],
         "connector_macs": tomeformer_macs(p.token_schedule, a.hidden_size, a.intermediate_size),
-        "projection_macs": p.num_tokens * dv * dc + p.token_schedule[-1] * dc * dl,
+        "projection_macs": p.token_schedule[0] * dv * dc + p.token_schedule[-1] * dc * dl,
         "trainable_params": trainable,
         "frozen_params": total - trainable,
         "parts": {
