@@ -255,3 +255,16 @@ def test_video_config_keys_are_checked():
         load_config("tiny", ["video.temporal=yes"])
     with pytest.raises(ConfigError, match="must divide the tower width"):
         plan(load_config("tiny", ["video.temporal=paper", "video.temporal_heads=3", "video.temporal_dim=9"]))
+
+
+def test_video_presets():
+    cfg = load_config("paper-video-opt2.7b")
+    v, t = cfg.video, cfg.train
+    assert (v.temporal, v.temporal_dim, v.temporal_heads, v.frames_to_connector) == ("paper", 256, 8, "mean")
+    assert (cfg.data.frames, t.lr, t.min_lr, t.warmup_steps, t.batch_size) == (4, 1e-5, 1e-6, 1000, 4)
+    assert cfg.data.train[0].format == "msrvtt" and t.init_from is not None
+    assert cfg.vision == load_config("paper-opt2.7b").vision  # the image model's tower, unchanged
+    # The demo's variants all plan (concat: 4 x 65 tokens down to 25 + 3 CLS in 4 layers).
+    for overrides in ([], ["video.temporal=time-embed"], ["video.frames_to_connector=concat"]):
+        p = plan(load_config("demo-video", overrides))
+        assert p.token_schedule[-1] == (28 if overrides and "concat" in overrides[0] else 25)
