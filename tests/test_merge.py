@@ -164,3 +164,35 @@ def test_schedules():
         token_schedule(17, [8, 4, 2, 2])  # 17 -> 9 -> 5 -> 3; floor((3 - 1) / 2) = 1 < 2
     with pytest.raises(ValueError, match="layer 1"):
         token_schedule(17, [8, 5])  # 17 -> 9; floor((9 - 1) / 2) = 4 < 5
+
+
+@pytest.mark.parametrize("n,r,protected", [(68, 30, 4), (67, 20, 3), (20, 8, 2), (12, 3, 5)])
+def test_several_protected_tokens_stay_first_and_are_never_matched(n, r, protected):
+    """Video frames side by side protect one CLS per frame: brute force with a protected set."""
+    g = torch.Generator().manual_seed(n + r + protected)
+    metric = torch.randn(2, n, 8, generator=g)
+    metric[:, 1] = metric[:, protected]  # a protected B token would be the best match if it could be one
+    x = torch.randn(2, n, 3, generator=g)
+    merge, unmerge = bipartite_soft_matching(metric, r, protected)
+    expected = []
+    for m, xs in zip(metric, x, strict=True):
+        a_idx = [i for i in range(protected, n) if i % 2 == 0]
+        b_idx = [j for j in range(protected, n) if j % 2 == 1]
+        best = {}
+        for i in a_idx:
+            sims = [torch.nn.functional.cosine_similarity(m[i], m[j], dim=0).item() for j in b_idx]
+            k = max(range(len(b_idx)), key=sims.__getitem__)
+            best[i] = (sims[k], b_idx[k])
+        merged = sorted(best, key=lambda i: -best[i][0])[:r]
+        groups = {j: [j] for j in b_idx}
+        for i in merged:
+            groups[best[i][1]].append(i)
+        rows = [xs[i] for i in range(protected)] + [xs[i] for i in a_idx if i not in merged]
+        rows += [torch.stack([xs[k] for k in groups[j]]).mean(0) for j in b_idx]
+        expected.append(torch.stack(rows))
+    got = merge(x)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    # unmerge puts every token back where it came from (protected ones unchanged)
+    back = unmerge(got)
+    torch.testing.assert_close(back[:, :protected], x[:, :protected])
+    assert back.shape == x.shape

@@ -37,8 +37,10 @@ def clip(tmp_path_factory):
 
 
 def test_eval_indices_are_segment_centres():
-    assert sample_frame_indices(16, 4, train=False) == [2, 6, 10, 14]
-    assert sample_frame_indices(10, 3, train=False) == [1, 5, 8]
+    # Exact centres 1.5, 5.5, 9.5, 13.5: halfway cases go towards the nearer end of the clip.
+    assert sample_frame_indices(16, 4, train=False) == [1, 5, 10, 14]
+    assert sample_frame_indices(10, 3, train=False) == [1, 4, 8]  # centres 1.17, 4.5, 7.83
+    assert sample_frame_indices(8, 4, train=False) == [0, 2, 5, 7]
     assert sample_frame_indices(1, 4, train=False) == [0, 0, 0, 0]
     assert sample_frame_indices(3, 4, train=False) == [0, 1, 1, 2]
     with pytest.raises(ValueError, match="Generator"):
@@ -57,11 +59,49 @@ def test_train_indices_one_per_segment():
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is never used
 
 
+def test_eval_indices_mirror_under_reversal():
+    # A clip played backwards gets the mirrored frames: frame order is the only difference.
+    for total in range(1, 60):
+        for n in range(1, 9):
+            idx = sample_frame_indices(total, n, train=False)
+            mirrored = [total - 1 - i for i in reversed(idx)]
+            if n % 2 == 0 or total % 2 == 1:
+                assert idx == mirrored, (total, n)
+            else:  # the middle sample sits between two frames: one of them must be chosen
+                assert sum(a != b for a, b in zip(idx, mirrored, strict=True)) <= 1, (total, n)
+
+
+def test_head_tail_train_sampling():
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(300):
+        idx = sample_frame_indices(17, 4, train=True, generator=g, mode="head-tail")
+        assert idx == sorted(idx) and len(set(idx)) == 4
+        assert all(i < 8 for i in idx[:2]) and all(8 <= i < 17 for i in idx[2:])
+        seen.update(idx)
+    assert seen == set(range(17))  # every frame can be drawn
+    assert sample_frame_indices(3, 4, train=True, generator=g, mode="head-tail")[-1] <= 2
+    assert sample_frame_indices(16, 4, train=False, mode="head-tail") == [1, 5, 10, 14]  # eval: centres
+    with pytest.raises(ValueError, match="sampling mode"):
+        sample_frame_indices(16, 4, train=True, generator=g, mode="uniform")
+
+
+def test_clip_from_bytes(clip):
+    data = open(clip, "rb").read()
+    frames = load_video_frames(data, 4, train=False, generator=None, max_pixels=10_000, name="shard.tar:k")
+    assert _ids(frames) == [1, 5, 10, 14]
+    check_video(data, 10_000, name="shard.tar:k")
+    with pytest.raises(ImageLoadError, match="shard.tar:k"):
+        load_video_frames(
+            data[: len(data) // 2], 4, train=False, generator=None, max_pixels=10_000, name="shard.tar:k"
+        )
+
+
 def test_eval_frames(clip):
     frames = load_video_frames(clip, 4, train=False, generator=None, max_pixels=10_000)
     assert len(frames) == 4 and all(f.mode == "RGB" and f.size == (32, 32) for f in frames)
-    assert _ids(frames) == [2, 6, 10, 14]
-    assert _ids(load_video_frames(clip, 1, train=False, generator=None, max_pixels=10_000)) == [8]
+    assert _ids(frames) == [1, 5, 10, 14]
+    assert _ids(load_video_frames(clip, 1, train=False, generator=None, max_pixels=10_000)) == [7]
 
 
 def test_train_frames_deterministic_per_seed(clip):
@@ -83,7 +123,7 @@ def test_frame_count_unknown_to_container(tmp_path):
     path = _write_clip(tmp_path / "clip.mkv", n=12)
     with av.open(path) as container:
         assert not container.streams.video[0].frames
-    assert _ids(load_video_frames(path, 3, train=False, generator=None, max_pixels=10_000)) == [2, 6, 10]
+    assert _ids(load_video_frames(path, 3, train=False, generator=None, max_pixels=10_000)) == [1, 5, 10]
 
 
 def test_container_overstating_its_frame_count(clip, monkeypatch):
@@ -113,21 +153,21 @@ def test_container_overstating_its_frame_count(clip, monkeypatch):
 
     real_open = V._open
 
-    def lying_open(av_module, path, max_pixels):
-        container, stream = real_open(av_module, path, max_pixels)
+    def lying_open(av_module, source, max_pixels, path=""):
+        container, stream = real_open(av_module, source, max_pixels, path)
         return Container(container), Stream(stream)
 
     monkeypatch.setattr(V, "_open", lying_open)
-    # Centres of 4 segments of 40 would be 5, 15, 25, 35; frames 25 and 35 do not exist, so the clip
-    # is sampled again over the 16 frames that were decoded.
-    assert _ids(load_video_frames(clip, 4, train=False, generator=None, max_pixels=10_000)) == [2, 6, 10, 14]
+    # Centres of 4 segments of 40 would be 4-5, 14-15, 24-25, 34-35; frames from 16 on do not exist, so
+    # the clip is sampled again over the 16 frames that were decoded.
+    assert _ids(load_video_frames(clip, 4, train=False, generator=None, max_pixels=10_000)) == [1, 5, 10, 14]
 
 
 def test_libx264_if_available(tmp_path):
     if "libx264" not in av.codecs_available:
         pytest.skip("libx264 not available")
     path = _write_clip(tmp_path / "h264.mp4", n=8, codec="libx264")
-    assert _ids(load_video_frames(path, 2, train=False, generator=None, max_pixels=10_000)) == [2, 6]
+    assert _ids(load_video_frames(path, 2, train=False, generator=None, max_pixels=10_000)) == [1, 6]
 
 
 def test_bad_clips(tmp_path, clip):

@@ -188,6 +188,14 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.video:
+        from evlgen.synth.video_demo import VARIANTS, run_video_demo
+
+        variants = list(VARIANTS) if args.video == "all" else args.video.split(",")
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+        run_video_demo(args.out, variants=variants, seeds=seeds, overrides=args.overrides)
+        print((Path(args.out) / "report.md").read_text())
+        return 0
     from evlgen.synth.demo import run_demo
 
     metrics = run_demo(args.out, seed=args.seed, overrides=args.overrides)
@@ -403,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo preset, e.g. train.steps=300")
     p.add_argument("--out", default="runs/demo", help="output folder (report.md, metrics.json, PNGs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--video",
+        help="the synthetic-video benchmark instead: variants to compare (comma-separated: frame-mean, "
+        "paper, time-embed, concat, time-embed+concat; or all), overrides of the demo-video preset",
+    )
+    p.add_argument("--seeds", help="--video: training seeds, comma-separated (default: --seed)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

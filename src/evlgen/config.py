@@ -82,6 +82,28 @@ class ConnectorConfig:
 
 
 @dataclass(frozen=True)
+class VideoConfig:
+    """How clips are encoded (model/temporal.py). The paper: `temporal: paper`, `frames_to_connector: mean`.
+
+    `none` + `mean` is the image model run on each frame, frame features averaged.
+    """
+
+    # Attention across frames inside every run block of the frozen tower (trainable, gate starts at 0):
+    # none; paper (per spatial position, query/key projections, values = the input; blind to frame
+    # order); time-embed (the same with a learned time embedding added to its queries and keys).
+    temporal: Literal["none", "paper", "time-embed"] = "none"
+    temporal_dim: int = 256
+    temporal_heads: int = 8
+    # How frame tokens reach the connector: mean (the paper: averaged over frames) or concat (all
+    # T x N tokens, marked by a learned time embedding per frame, every frame's CLS protected, merged
+    # across frames by TomeFormer with `r` below).
+    frames_to_connector: Literal["mean", "concat"] = "mean"
+    # concat only: tokens merged per connector layer (an int for every layer, or a per-layer list);
+    # null = a geometric schedule from T x N tokens to the frame-mean path's output count (+ T - 1 CLS).
+    r: int | list[int] | None = None
+
+
+@dataclass(frozen=True)
 class LLMConfig:
     """The frozen causal LM. `name_or_path` None builds random weights from `arch`."""
 
@@ -155,8 +177,12 @@ class DataConfig:
     hflip: bool = False
     eval_resize: Literal["squash", "center_crop"] = "squash"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # Frames sampled per video clip.
+    # Frames sampled per video clip (also the length of the video model's time embeddings).
     frames: int = 4
+    # Training-time frame choice: `segments` = one random frame in each of `frames` equal segments
+    # (random offset, TSN); `head-tail` = half the frames at random from the clip's first half, the
+    # rest from its second half (LAVIS). Evaluation always takes the segment centres.
+    frame_sampling: Literal["segments", "head-tail"] = "segments"
     # Stop with an error once more than this fraction of samples (after the first `bad_grace`) is bad.
     max_bad_fraction: float = 0.05
     bad_grace: int = 200
@@ -195,6 +221,10 @@ class TrainConfig:
     tensorboard: bool = True
     # Weights & Biases project; logging to W&B happens only when set (and wandb is installed).
     wandb_project: str | None = None
+    # A saved model (a `model/` folder) whose trainable weights start this run, e.g. an image
+    # checkpoint fine-tuned on video: its weights must match by name and shape; parts it lacks (the
+    # video modules) keep their fresh initialisation. Ignored when resuming.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +254,7 @@ class Config:
     seed: int = 0
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     caption: GenerateConfig = field(default_factory=GenerateConfig)
     vqa: GenerateConfig = field(

@@ -189,6 +189,8 @@ class _MediaChecker:
         """None when usable, else (kind, message) with kind "missing", "image" or "video"."""
         if isinstance(rec.image, bytes):
             return self._decode(rec.image, rec.name or rec.location)
+        if isinstance(rec.video, bytes):
+            return self._check_video(rec.video, rec.location)
         path = rec.image if rec.image is not None else rec.video
         assert path is not None  # parse_row guarantees one of them
         if path not in self.seen:
@@ -209,12 +211,15 @@ class _MediaChecker:
             return "missing", f"file not found: {path}"
         if not is_video:
             return self._decode(path, path)
+        return self._check_video(path, path)
+
+    def _check_video(self, source: str | bytes, name: str) -> tuple[str, str] | None:
         if not self.verify_images or not self.av_available():
             return None
         from evlgen.data.video import check_video
 
         try:
-            check_video(path, self.max_pixels)
+            check_video(source, self.max_pixels, name=name)
         except ImageLoadError as exc:
             return "video", str(exc)
         return None
@@ -300,7 +305,7 @@ def check_dataset(
             tally.questions += 1
             tally.answers[len(rec.answers)] += 1
         if rec.video is not None:
-            tally.videos.add(rec.video)
+            tally.videos.add(rec.video if isinstance(rec.video, str) else rec.location)
         elif isinstance(rec.image, str):
             tally.per_image[rec.image] += len(rec.captions)
         else:

@@ -68,6 +68,25 @@ def tower_identity(cfg: Config) -> dict[str, Any]:
     }
 
 
+def refuse_trainable_tower(cfg: Config) -> None:
+    """ConfigError when the tower's output is not a fixed function of the pixels, or not [N, D] per sample.
+
+    With temporal modules the tower's features depend on weights being trained; with concatenated
+    frames the connector needs every frame, not the mean this cache stores.
+    """
+    v = cfg.video
+    if v.temporal != "none":
+        raise ConfigError(
+            f"video.temporal={v.temporal}: the temporal modules inside the vision tower are trained, so its "
+            "features change every step and cannot be cached; train from the videos themselves"
+        )
+    if v.frames_to_connector != "mean":
+        raise ConfigError(
+            f"video.frames_to_connector={v.frames_to_connector}: the connector needs every frame's tokens, "
+            "but a feature cache stores their mean; train from the videos themselves"
+        )
+
+
 def tower_digest(tower: torch.nn.Module) -> str:
     """Identity of the tower's weights, so a cache cannot be used with another tower."""
     from evlgen.model.build import state_digest
@@ -179,6 +198,7 @@ def cache_features(
     from evlgen.data.pipeline import load_one, make_sample_maker, sample_generator
     from evlgen.model.build import build_vision, resolve_dtype
 
+    refuse_trainable_tower(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)  # a random tower is built exactly as build_vlm builds it
     tower = build_vision(cfg.vision).to(device).eval()

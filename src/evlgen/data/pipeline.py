@@ -157,6 +157,7 @@ class SampleMaker:
     vqa_prompt: str
     frames: int
     max_pixels: int
+    frame_sampling: str = "segments"
 
     def text(self, rec: Record, g: torch.Generator | None) -> tuple[str, str]:
         if rec.question is not None:
@@ -183,7 +184,13 @@ class SampleMaker:
             from evlgen.data.video import load_video_frames
 
             frames = load_video_frames(
-                rec.video, self.frames, train=self.transform.train, generator=g, max_pixels=self.max_pixels
+                rec.video,
+                self.frames,
+                train=self.transform.train,
+                generator=g,
+                max_pixels=self.max_pixels,
+                mode=self.frame_sampling,
+                name=rec.location if isinstance(rec.video, bytes) else None,
             )
             # One crop and flip for the whole clip: per-frame augmentation would fake motion.
             state = g.get_state() if g is not None else None
@@ -218,7 +225,9 @@ def make_sample_maker(cfg: Config, image_size: int, train: bool) -> SampleMaker:
         hflip=d.hflip,
         eval_resize=d.eval_resize,
     )
-    return SampleMaker(transform, cfg.caption.prompt, cfg.vqa.prompt, d.frames, d.max_pixels)
+    return SampleMaker(
+        transform, cfg.caption.prompt, cfg.vqa.prompt, d.frames, d.max_pixels, d.frame_sampling
+    )
 
 
 def collate(

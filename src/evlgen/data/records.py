@@ -30,11 +30,12 @@ class Record:
     key: str
     # Absolute path, or the encoded bytes of a shard member; None for video rows.
     image: str | bytes | None
-    video: str | None = None
+    # Absolute path, or the bytes of a shard's video member (.mp4, ...); None for image rows.
+    video: str | bytes | None = None
     captions: tuple[str, ...] = ()
     question: str | None = None
     answers: tuple[str, ...] = ()
-    # File name of the image inside a shard (e.g. "000123.jpg"), for messages and decoder hints.
+    # File name of the image or video inside a shard (e.g. "000123.jpg"), for messages and decoder hints.
     name: str | None = None
     # The row's META_FIELDS that are set (e.g. {"question_id": 262148000, "answer_type": "other"}).
     # Left out of the hash so that a Record stays hashable.

@@ -1,7 +1,8 @@
 """WebDataset tar shards in the img2dataset layout, streamed member by member.
 
 A sample is the group of consecutive members sharing a key (``000123.jpg`` + ``000123.txt`` [+
-``000123.json``]). Shards are named by a file, a folder, a glob or a brace range; a broken or
+``000123.json``]); a video sample has ``000123.mp4`` (or another VIDEO_EXTENSIONS member) instead of
+the image. Shards are named by a file, a folder, a glob or a brace range; a broken or
 truncated shard yields a :class:`RecordError` and ends, never raising into the training loop.
 """
 
@@ -20,9 +21,10 @@ from typing import Any
 
 from evlgen.data.records import Record, RecordError, text_fields
 
-__all__ = ["IMAGE_EXTENSIONS", "WebDatasetSource", "expand_braces", "resolve_shards"]
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "WebDatasetSource", "expand_braces", "resolve_shards"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
@@ -215,17 +217,22 @@ def _make_sample(shard: str, key: str, files: dict[str, tuple[str, bytes]]) -> R
             except UnicodeDecodeError as exc:
                 raise RecordError(where, "undecodable text", f"{base}: {exc}") from None
         image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-        if image is None:
-            raise RecordError(where, "no image", f"no .{'/.'.join(IMAGE_EXTENSIONS)} file in the sample")
+        video = next((files[e] for e in VIDEO_EXTENSIONS if e in files), None) if image is None else None
+        if image is None and video is None:
+            media = "/.".join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+            raise RecordError(where, "no image", f"no .{media} file in the sample")
         captions, question, answers = text_fields(text, where)
     except RecordError as exc:
         return exc
+    member = image if image is not None else video
+    assert member is not None
     return Record(
         location=where,
         key=key,
-        image=image[1],
+        image=image[1] if image is not None else None,
+        video=video[1] if video is not None else None,
         captions=captions,
         question=question,
         answers=answers,
-        name=image[0],
+        name=member[0],
     )

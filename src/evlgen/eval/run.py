@@ -170,7 +170,7 @@ def _record_json(rec: Record) -> dict[str, Any]:
         "key": rec.key,
         "location": rec.location,
         "image": rec.image if isinstance(rec.image, str) else None,  # shard bytes are not sent
-        "video": rec.video,
+        "video": rec.video if isinstance(rec.video, str) else None,  # shard bytes are not sent
         "captions": list(rec.captions),
         "question": rec.question,
         "answers": list(rec.answers),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from evlgen.config import Config, ConfigError, ConnectorConfig, LLMConfig, VisionConfig, dump_yaml, from_dict
 from evlgen.fsutil import fsync_tree
-from evlgen.model.connector import TomeFormer, tomeformer_macs
+from evlgen.model.connector import TomeFormer, check_state_dict, tomeformer_macs
 from evlgen.model.llm import FrozenLM
 from evlgen.model.merge import merge_schedule, token_schedule
 from evlgen.model.mlp import MLPProjector, mlp_macs
@@ -35,6 +35,7 @@ from evlgen.model.qformer import (
     qformer_macs,
     qformer_stage1_macs,
 )
+from evlgen.model.temporal import FrameTokens, concat_merge_schedule, temporal_modules
 from evlgen.model.tokenizer import byte_tokenizer
 from evlgen.model.vision import VisionTower, load_vision_model, random_vision_model
 from evlgen.model.vlm import VLM, Connector
@@ -42,6 +43,8 @@ from evlgen.model.vlm import VLM, Connector
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+# Trainable weights a video model may have that an image checkpoint lacks (`train.init_from`).
+VIDEO_KEYS = ("vision.block_adapters.", "frame_tokens.")
 CONFIG_FILE = "config.yaml"
 # Marks a frozen part saved inside the checkpoint directory (random or locally trained weights).
 LOCAL_PREFIX = "./"
@@ -52,9 +55,10 @@ class Plan:
     """What a config implies, computed from numbers alone (no weights)."""
 
     num_tokens: int  # visual tokens per frame out of the tower
-    protected: int  # 1 when the tower has a CLS token
+    protected: int  # tokens the connector never merges: the CLS (one per frame with concat frames)
     rs: list[int]  # tokens merged at each connector layer (TomeFormer; empty for the other kinds)
-    token_schedule: list[int]  # tokens entering each layer, then the output count (other kinds: in, out)
+    # Tokens entering each layer (T x N with concat frames), then the output count (other kinds: in, out).
+    token_schedule: list[int]
 
 
 def plan(cfg: Config) -> Plan:
@@ -71,6 +75,7 @@ def plan(cfg: Config) -> Plan:
     num_tokens = (arch["image_size"] // arch["patch_size"]) ** 2 + protected
     c = cfg.connector
     _check_connector_keys(cfg)
+    _check_video(cfg)
     if c.kind == "tomeformer":
         try:
             rs = merge_schedule(c.arch.num_hidden_layers, c.r, c.r_inflection)
@@ -81,6 +86,19 @@ def plan(cfg: Config) -> Plan:
             raise ConfigError(f"connector.max_positions={c.max_positions} < {num_tokens} visual tokens")
     else:
         rs, counts = [], [num_tokens, c.num_queries if c.kind == "qformer" else num_tokens]
+    frames = cfg.data.frames
+    if cfg.video.frames_to_connector == "concat":
+        # Every frame's tokens enter the connector; its CLS tokens stay, so the output has T - 1 more.
+        final = counts[-1] + (frames - 1) * protected
+        num_in, protected = frames * num_tokens, frames * protected
+        try:
+            if cfg.video.r is None:
+                rs = concat_merge_schedule(num_in, c.arch.num_hidden_layers, final, protected)
+            else:
+                rs = merge_schedule(c.arch.num_hidden_layers, cfg.video.r)
+            counts = token_schedule(num_in, rs, protected)
+        except ValueError as e:
+            raise ConfigError(f"video.r ({frames} frames x {num_tokens} tokens): {e}") from None
     if cfg.train.objective == STAGE1_OBJECTIVE:  # no LM is built, so its sequence limits do not apply
         return Plan(num_tokens=num_tokens, protected=protected, rs=rs, token_schedule=counts)
     # Visual prefix + prompt + target + end token must fit the LM's position table (OPT's is learned).
@@ -119,6 +137,31 @@ def _check_connector_keys(cfg: Config) -> None:
             raise ConfigError(
                 f"connector.text_max_len={c.text_max_len} must be in [3, "
                 f"connector.arch.max_position_embeddings={c.arch.max_position_embeddings}]"
+            )
+
+
+def _check_video(cfg: Config) -> None:
+    v, frames = cfg.video, cfg.data.frames
+    if v.frames_to_connector == "concat" and cfg.connector.kind != "tomeformer":
+        raise ConfigError(
+            f"video.frames_to_connector=concat merges frames in the TomeFormer; connector.kind is "
+            f"{cfg.connector.kind}"
+        )
+    if frames < 1:
+        raise ConfigError(f"data.frames must be at least 1, got {frames}")
+    if v.r is not None and v.frames_to_connector != "concat":
+        raise ConfigError("video.r sets the merge schedule of frames_to_connector=concat; it is mean here")
+    if v.temporal != "none":
+        width = cfg.vision.arch.get("hidden_size")
+        if v.temporal_heads < 1 or v.temporal_dim % v.temporal_heads:
+            raise ConfigError(
+                f"video.temporal_dim {v.temporal_dim} must be a multiple of video.temporal_heads "
+                f"{v.temporal_heads}"
+            )
+        if isinstance(width, int) and width % v.temporal_heads:
+            raise ConfigError(
+                f"video.temporal_heads {v.temporal_heads} must divide the tower width "
+                f"vision.arch.hidden_size {width} (the values are the tower's own features, split by head)"
             )
 
 
@@ -273,6 +316,17 @@ def build_vlm(
     stage1 = cfg.train.objective == STAGE1_OBJECTIVE
     fresh = random_weights or not connector_init
     vision = build_vision(cfg.vision, random_weights=random_weights)
+    v = cfg.video
+    vision.set_block_adapters(
+        temporal_modules(
+            v.temporal,
+            vision.hidden_size,
+            vision.num_blocks,
+            dim=v.temporal_dim,
+            heads=v.temporal_heads,
+            frames=cfg.data.frames,
+        )
+    )
     # The MLP ends at the LM's width, so its LM is built first; the other kinds keep the seed order
     # tower -> connector -> LM.
     llm = build_llm(cfg.llm, random_weights=random_weights) if c.kind == "mlp" else None
@@ -295,7 +349,10 @@ def build_vlm(
             heads.load_bert(bert, head)
     elif llm is None:
         llm = build_llm(cfg.llm, random_weights=random_weights)
-    vlm = VLM(vision, connector, llm, stage1=heads)
+    frame_tokens = None
+    if v.frames_to_connector == "concat":
+        frame_tokens = FrameTokens(connector.hidden_size, cfg.data.frames, vision.num_protected)
+    vlm = VLM(vision, connector, llm, stage1=heads, frame_tokens=frame_tokens)
     vlm.config = cfg
     if c.init_from is not None and not fresh:
         init_from_stage1(vlm, c.init_from)
@@ -390,7 +447,8 @@ def connector_costs(cfg: Config, p: Plan, vlm: VLM) -> dict[str, Any]:
         dc = a.hidden_size
         return {
             "connector_macs": tomeformer_macs(p.token_schedule, a.hidden_size, a.intermediate_size),
-            "projection_macs": n * dv * dc + p.token_schedule[-1] * dc * dl,
+            # vl_proj reads every token entering the connector (T x N with concat frames).
+            "projection_macs": p.token_schedule[0] * dv * dc + p.token_schedule[-1] * dc * dl,
         }
     stage2 = qformer_macs(c.num_queries, n, dv, a, c.cross_attention_freq)
     stage1 = qformer_stage1_macs(
@@ -507,3 +565,32 @@ def from_pretrained(directory: str | Path) -> VLM:
     # Keep the config as saved (with ./ references) so a re-save copies those parts along.
     vlm.config = from_dict(Config, yaml.safe_load((directory / CONFIG_FILE).read_text()))
     return vlm
+
+
+def init_from_pretrained(vlm: VLM, directory: str | Path) -> list[str]:
+    """Start `vlm` from a saved model's trainable weights (`train.init_from`), e.g. video fine-tuning
+    from an image checkpoint. Every saved tensor must match by name and shape; of `vlm`'s own trainable
+    weights only the video modules may be absent (they keep their fresh init). Returns their names."""
+    directory = Path(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(
+            f"train.init_from: {directory} is not a saved evlgen model ({WEIGHTS_FILE} missing)"
+        )
+    state = load_file(str(weights))
+    own = vlm.trainable_state_dict()
+    fresh = sorted(k for k in own if k not in state and k.startswith(VIDEO_KEYS))
+    expected = {k: v for k, v in own.items() if k not in fresh}
+    check_state_dict(expected, state, str(weights), "the trainable parts of this run's model")
+    vlm.load_state_dict(state, strict=False)
+    saved = load_checkpoint_config(directory)
+    cfg = vlm.config
+    if cfg is not None:
+        for part in ("vision", "llm"):
+            a, b = getattr(saved, part).name_or_path, getattr(cfg, part).name_or_path
+            if a != b:
+                log.warning(
+                    "train.init_from: %s was trained with %s = %s, this run uses %s", directory, part, a, b
+                )
+    log.info("initialised from %s; fresh: %d video tensors", directory, len(fresh))
+    return fresh

@@ -51,14 +51,17 @@ class _Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
         self.dropout = nn.Dropout(s.hidden_dropout_prob)
 
-    def forward(self, x: Tensor) -> Tensor:
-        n = x.shape[1]
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        n = x.shape[1] if positions is None else int(positions.max()) + 1
         if n > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"TomeFormer got {n} tokens but has {self.position_embeddings.num_embeddings} position "
                 "embeddings; build it with max_positions >= the tower's token count"
             )
-        x = x + self.position_embeddings.weight[:n] + self.token_type_embeddings.weight[0]  # [B, N, D]
+        pos = (
+            self.position_embeddings.weight[:n] if positions is None else self.position_embeddings(positions)
+        )
+        x = x + pos + self.token_type_embeddings.weight[0]  # [B, N, D]
         return self.dropout(self.LayerNorm(x))
 
 
@@ -196,9 +199,16 @@ class TomeFormer(nn.Module):
         """x [B, N, D], mask [B, N] bool or None -> [B, N', D]. Use `forward_with_state` for the mask."""
         return self.forward_with_state(x, mask)[0]
 
-    def forward_with_state(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, TokenState]:
-        """Like forward, but also returns the merged mask and sizes (which output tokens are real)."""
+    def forward_with_state(
+        self, x: Tensor, mask: Tensor | None = None, positions: Tensor | None = None
+    ) -> tuple[Tensor, TokenState]:
+        """Like forward, but also returns the merged mask and sizes (which output tokens are real).
+
+        positions: [N] position ids of the tokens (default 0..N-1; video frames side by side repeat them).
+        """
         self.token_schedule(x.shape[1])
+        if positions is not None and positions.shape != x.shape[1:2]:
+            raise ValueError(f"positions must be [N] = [{x.shape[1]}], got {list(positions.shape)}")
         if mask is not None:
             if mask.shape != x.shape[:2]:
                 raise ValueError(f"mask must be [B, N] = {list(x.shape[:2])}, got {list(mask.shape)}")
@@ -211,7 +221,7 @@ class TomeFormer(nn.Module):
         if self.merge_mode != "mean":
             size = torch.ones(*x.shape[:2], 1, device=x.device, dtype=x.dtype)  # [B, N, 1]
             state.size = size if mask is None else size * mask[..., None]
-        x = self.embeddings(x)  # [B, N, D]
+        x = self.embeddings(x, positions)  # [B, N, D]
         for layer, r in zip(self.encoder.layer, self.rs, strict=True):
             x, state = self._layer(layer, x, r, state)
         return x, state

@@ -7,6 +7,8 @@ masks). Nothing here holds state; the connector decides what to merge and with w
 Token order after a merge is the reference's: the set-A tokens that were kept, in their original
 order (so a protected first token stays first), then every set-B token in order. Checkpoints trained
 with the EVLGen code depend on this order, because the next layer re-splits tokens by position.
+With p > 1 protected tokens (one CLS per frame when video frames are concatenated), the protected
+ones, which fall in both sets, come first in their original order, then the rest in that order.
 """
 
 from __future__ import annotations
@@ -35,16 +37,22 @@ def bipartite_soft_matching(
     """Match r tokens of set A (even positions) to their most similar token of set B (odd positions).
 
     metric: [B, N, C], compared by cosine similarity, never differentiated.
-    protected: 0 or 1; with 1 the first token (a CLS token) is never merged.
+    protected: how many leading tokens (CLS tokens) are never merged and never merged into; they stay
+      first, in order. 0 or 1 for an image.
     mask: optional [B, N] bool, True for real tokens. Padding is never chosen as a destination by a
       real token, and padded set-A tokens are merged away first (with zero weight, see
       `merge_masked_mean`/`merge_wavg`), so real tokens are only merged once padding is used up.
     Returns (merge, unmerge): merge maps [B, N, D] -> [B, N - r, D]; unmerge maps back, copying each
     merged token to all of its sources.
     """
-    if protected not in (0, 1):
-        raise ValueError(f"protected must be 0 or 1 (a leading CLS token or none), got {protected}")
+    if isinstance(protected, bool) or not isinstance(protected, int) or not 0 <= protected <= metric.shape[1]:
+        raise ValueError(f"protected must be an int in [0, {metric.shape[1]}], got {protected!r}")
     n_tokens = metric.shape[1]
+    # Protected tokens in set A (even positions) and in set B (odd positions).
+    pa, pb = (protected + 1) // 2, protected // 2
+    # Where each protected token sits in cat([kept protected A, protected B]): back in original order.
+    head_order = [i // 2 if i % 2 == 0 else pa + i // 2 for i in range(protected)]
+    head_inverse = sorted(range(protected), key=head_order.__getitem__)
     if r <= 0:
         return _identity, _identity
     max_r = (n_tokens - protected) // 2
@@ -61,7 +69,8 @@ def bipartite_soft_matching(
             scores = scores.masked_fill(~mask[:, None, 1::2], -math.inf)
             scores = scores.masked_fill(~mask[:, ::2, None], math.inf)
         if protected:
-            scores[..., 0, :] = -math.inf
+            scores[..., :pa, :] = -math.inf  # never merged away...
+            scores[..., :, :pb] = -math.inf  # ...nor merged into
 
         node_max, node_idx = scores.max(dim=-1)  # [B, Na]
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # [B, Na, 1]
@@ -76,12 +85,18 @@ def bipartite_soft_matching(
         unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))  # [B, Na - r, D]
         src = src.gather(dim=-2, index=src_idx.expand(n, r, c))  # [B, r, D]
         dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode, include_self=True)
-        return torch.cat([unm, dst], dim=1)  # [B, N - r, D]
+        if pb == 0:  # the reference's order (0 or 1 protected token)
+            return torch.cat([unm, dst], dim=1)  # [B, N - r, D]
+        # Protected tokens fall in both sets: they move to the front, in their original order.
+        head = torch.cat([unm[..., :pa, :], dst[..., :pb, :]], dim=1)[..., head_order, :]  # [B, p, D]
+        return torch.cat([head, unm[..., pa:, :], dst[..., pb:, :]], dim=1)  # [B, N - r, D]
 
     def unmerge(x: Tensor) -> Tensor:
         """[B, N - r, D] -> [B, N, D]: every source gets the value of the token it was merged into."""
         unm_len = unm_idx.shape[1]
-        unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]  # [B, Na - r, D], [B, Nb, D]
+        head, x = x[..., :protected, :][..., head_inverse, :], x[..., protected:, :]  # see merge's order
+        unm = torch.cat([head[..., :pa, :], x[..., : unm_len - pa, :]], dim=1)  # [B, Na - r, D]
+        dst = torch.cat([head[..., pa:, :], x[..., unm_len - pa :, :]], dim=1)  # [B, Nb, D]
         n, _, c = unm.shape
         src = dst.gather(dim=-2, index=dst_idx.expand(n, r, c))  # [B, r, D]
         out = torch.zeros(n, n_tokens, c, device=x.device, dtype=x.dtype)  # [B, N, D]

@@ -25,6 +25,7 @@ from evlgen.model.connector import TomeFormer, check_state_dict
 from evlgen.model.llm import FrozenLM, LMOutput
 from evlgen.model.mlp import MLPProjector
 from evlgen.model.qformer import QFormer, QFormerStage1, Stage1Output
+from evlgen.model.temporal import FrameTokens, repeat_to_frames
 from evlgen.model.vision import VisionTower
 
 Connector = TomeFormer | QFormer | MLPProjector
@@ -32,13 +33,22 @@ Connector = TomeFormer | QFormer | MLPProjector
 log = logging.getLogger(__name__)
 
 FROZEN_PARTS = ("vision", "llm")
+# Trainable modules that live inside a frozen part: the temporal modules run inside the tower's blocks.
+TRAINABLE_INSIDE = ("vision.block_adapters.",)
+
+
+def is_trainable_key(key: str) -> bool:
+    """Whether a state-dict key belongs to the trainable weights (what checkpoints hold)."""
+    return key.split(".", 1)[0] not in FROZEN_PARTS or key.startswith(TRAINABLE_INSIDE)
 
 
 class VLM(nn.Module):
     """Composes a frozen VisionTower, a trainable connector and a FrozenLM.
 
     pixels are [B, T, C, H, W] (images: T = 1); frame features are averaged over T after the tower,
-    as in the paper's video path.
+    as in the paper's video path, unless `frame_tokens` is given: then all frames' tokens go to the
+    connector side by side (model/temporal.py). Temporal modules, if any, are the tower's block
+    adapters: they train although the tower is frozen.
     """
 
     def __init__(
@@ -47,6 +57,7 @@ class VLM(nn.Module):
         connector: Connector,
         llm: FrozenLM | None,
         stage1: QFormerStage1 | None = None,
+        frame_tokens: FrameTokens | None = None,
     ) -> None:
         super().__init__()
         if (llm is None) != (stage1 is not None):
@@ -54,6 +65,7 @@ class VLM(nn.Module):
         self.vision = vision
         self.connector = connector
         self.llm = llm
+        self.frame_tokens = frame_tokens
         dv = vision.hidden_size
         # Trainable and freshly initialised, as in the reference: BLIP-2's own trained ln_vision is
         # the tower's post_layernorm, which VisionTower never applies.
@@ -84,6 +96,8 @@ class VLM(nn.Module):
         """Freeze the tower and the LM, unfreeze everything else; returns (and logs) a table."""
         for name, module in self.named_children():
             module.requires_grad_(name not in FROZEN_PARTS)
+        if self.vision.block_adapters is not None:
+            self.vision.block_adapters.requires_grad_(True)
         self.train(self.training)
         table = self.parameter_table()
         if log_table:
@@ -109,6 +123,8 @@ class VLM(nn.Module):
             part = getattr(self, name)
             if part is not None:
                 part.eval()
+        if self.vision.block_adapters is not None:
+            self.vision.block_adapters.train(mode)
         return self
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -116,7 +132,7 @@ class VLM(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Weights of every part that is not frozen (what a checkpoint holds)."""
-        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] not in FROZEN_PARTS}
+        return {k: v for k, v in self.state_dict().items() if is_trainable_key(k)}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
         """Strict load of the trainable weights: any missing, unexpected or mis-shaped key fails by name."""
@@ -127,10 +143,14 @@ class VLM(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def tower_features(self, pixels: Tensor) -> Tensor:
-        """pixels [B, T, C, H, W] -> frozen tower output averaged over frames [B, N, Dv].
+        """pixels [B, T, C, H, W] -> tower output averaged over frames [B, N, Dv] (with frame_tokens:
+        every frame, [B, T, N, Dv], images repeated to the model's frame count).
 
-        This is all that depends on the frozen tower, hence what the feature cache stores.
+        Without temporal modules this is all that depends on the frozen tower, hence what the feature
+        cache stores.
         """
+        if self.frame_tokens is not None:
+            return self.vision(repeat_to_frames(pixels, self.frame_tokens.frames))  # [B, T, N, Dv]
         feats = self.vision(pixels)  # [B, T, N, Dv]
         if feats.shape[1] == 1:
             return feats[:, 0]  # [B, N, Dv]
@@ -143,9 +163,13 @@ class VLM(nn.Module):
             if pixels is None:
                 raise ValueError("encode needs pixels or features")
             features = self.tower_features(pixels)
-        feats = features.to(self.ln_vision.weight.dtype)  # [B, N, Dv]
-        x = self.vl_proj(self.ln_vision(feats))  # [B, N, Dc]
-        x, state = self.connector.forward_with_state(x)  # [B, P, Dc]
+        feats = features.to(self.ln_vision.weight.dtype)  # [B, N, Dv] or [B, T, N, Dv]
+        x = self.vl_proj(self.ln_vision(feats))  # [B, N, Dc] or [B, T, N, Dc]
+        if self.frame_tokens is not None:  # frames side by side: a TomeFormer with time embeddings
+            x, positions = self.frame_tokens(x)  # [B, T*N, Dc], [T*N]
+            x, state = self.connector.forward_with_state(x, positions=positions)  # [B, P, Dc]
+        else:
+            x, state = self.connector.forward_with_state(x)  # [B, P, Dc]
         return self.llm_proj(x), state.mask  # [B, P, D_llm]
 
     def forward(

@@ -44,8 +44,8 @@ def _bar(stage: str, done: int, total: int) -> None:
         print(f"  {stage:<16} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}", end=end, file=sys.stderr)
 
 
-def demo_config(backbones: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The `demo` preset pointed at the cached backbones, with their architectures as built."""
+def demo_config(backbones: Path, overrides: list[str] | tuple[str, ...] = (), preset: str = "demo") -> Config:
+    """The `demo` preset (or `preset`) pointed at the cached backbones, with their architectures as built."""
     recipe = Recipe(**json.loads((backbones / "recipe.json").read_text())["recipe"])
     llm_saved = json.loads((backbones / "llm" / "config.json").read_text())
     llm_arch = {k: llm_saved[k] for k in recipe.lm_arch(0) if k in llm_saved}
@@ -55,7 +55,7 @@ def demo_config(backbones: Path, overrides: list[str] | tuple[str, ...] = ()) ->
         f"llm.name_or_path={backbones / 'llm'}",
         "llm.arch=" + json.dumps(llm_arch),
     ]
-    return load_config("demo", [*parts, *overrides])
+    return load_config(preset, [*parts, *overrides])
 
 
 def from_features(cfg: Config, folder: Path, cache_dir: str | None) -> Config:

@@ -9,6 +9,7 @@ in any order. Clips are written as mp4 with PyAV, imported only when writing.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from PIL import Image, ImageDraw
 from evlgen.synth.world import (
     AT,
     BACKGROUND,
+    COLOURS,
     COMPOSITIONAL_HOLDOUT,
     PAIRS,
     POSITIONS,
     RADIUS,
+    SHAPES,
     SIZES,
     draw_shape,
     stream,
@@ -121,10 +124,11 @@ def _noun(tr: Track, sized: bool) -> str:
     return f"a {tr.size} {tr.colour} {tr.shape}" if sized else f"a {tr.colour} {tr.shape}"
 
 
-def clip_captions(clip: Clip, rng: random.Random, n: int = 5) -> list[str]:
+def clip_captions(clip: Clip, rng: random.Random, n: int = 5, *, listing: bool = True) -> list[str]:
     """``n`` distinct captions: first the canonical event caption ("a large red circle moves from left to
     right and a small blue star appears"), second an order-free list ("a red circle and a blue star"),
-    then paraphrases of either kind."""
+    then paraphrases of either kind. ``listing=False``: event captions only (every caption says what
+    each object does)."""
 
     def events(canonical: bool) -> str:
         parts = []
@@ -134,18 +138,87 @@ def clip_captions(clip: Clip, rng: random.Random, n: int = 5) -> list[str]:
             parts.append(f"{_noun(tr, canonical or rng.random() < 0.5)} {phrase}")
         return (" and " if canonical else rng.choice((" and ", " while "))).join(parts)
 
-    def listing() -> str:
+    def listing_text() -> str:
         nouns = " and ".join(_noun(tr, rng.random() < 0.5) for tr in clip.tracks)
         return rng.choice(("", "a video of ", "a clip of ")) + nouns
 
-    out = [events(True), listing()][:n]
+    with_lists = listing
+    out = ([events(True), listing_text()] if with_lists else [events(True)])[:n]
     for _ in range(50 * n):
         if len(out) >= n:
             break
-        text = listing() if rng.random() < 0.25 else events(False)
+        text = listing_text() if with_lists and rng.random() < 0.25 else events(False)
         if text not in out:
             out.append(text)
     return out
+
+
+def clip_slots(clip: Clip) -> str:
+    """The clip in words, one slot per band, as the video LM's context (what the visual prefix stands
+    for), e.g. ``"top: a large red circle moves from left to right. bottom: nothing."``."""
+    by_band = {tr.band: tr for tr in clip.tracks}
+    slots = []
+    for band, name in enumerate(("top", "bottom")):
+        tr = by_band.get(band)
+        if tr is None:
+            slots.append(f"{name}: nothing.")
+        else:
+            event = _EVENTS[tr.motion][0].format(at=AT[tr.position], pos=tr.position)
+            slots.append(f"{name}: {_noun(tr, True)} {event}.")
+    return " ".join(slots)
+
+
+# Motion words of the caption grammar, most specific first ("disappears" contains "appears").
+_MOTION_CUES = (
+    ("disappear", ("disappears", "vanishes")),
+    ("appear", ("appears", "comes into view")),
+    ("rightward", ("left to right", "to the right")),
+    ("leftward", ("right to left", "to the left")),
+    ("still", ("stays", "sits still", "does not move")),
+)
+ORDER_MOTIONS = ("rightward", "leftward", "appear", "disappear")  # captions that need frame order
+_KIND = {
+    "still": "still",
+    "rightward": "moves",
+    "leftward": "moves",
+    "appear": "switch",
+    "disappear": "switch",
+}
+
+
+def parse_clip_caption(text: str) -> list[tuple[str, str, str | None]]:
+    """(colour, shape, motion or None) for each object a clip caption names, in order; the motion is
+    read from the words after the object (None when the caption says nothing about it)."""
+    colours, shapes = "|".join(COLOURS), "|".join(SHAPES)
+    found = list(re.finditer(rf"\b({colours})\s+({shapes})s?\b", text.lower()))
+    out = []
+    for i, m in enumerate(found):
+        end = found[i + 1].start() if i + 1 < len(found) else len(text)
+        tail = text.lower()[m.end() : end]
+        motion = next((mo for mo, cues in _MOTION_CUES if any(c in tail for c in cues)), None)
+        out.append((m.group(1), m.group(2), motion))
+    return out
+
+
+def clip_match(text: str, clip: Clip) -> dict[str, Any]:
+    """How a caption fits its clip. ``objects``: the named (colour, shape) multiset is exactly the clip's
+    (order-free). Per track (``tracks``: motion, and whether the caption got its kind - still / moves /
+    appears-or-disappears, order-free - and its exact motion: direction or appear vs disappear, which
+    needs frame order, for the ORDER_MOTIONS)."""
+    said = parse_clip_caption(text)
+    truth = sorted((tr.colour, tr.shape) for tr in clip.tracks)
+    tracks = []
+    for tr in clip.tracks:
+        motions = [mo for c, s, mo in said if (c, s) == (tr.colour, tr.shape)]
+        motion = motions[0] if motions else None
+        tracks.append(
+            {
+                "motion": tr.motion,
+                "kind_correct": motion is not None and _KIND[motion] == _KIND[tr.motion],
+                "correct": motion == tr.motion,
+            }
+        )
+    return {"objects": sorted((c, s) for c, s, _ in said) == truth, "tracks": tracks}
 
 
 def clip_to_dict(clip: Clip) -> dict[str, Any]:
@@ -183,9 +256,12 @@ def write_mp4(path: str | Path, frames: list[Image.Image], fps: int = FPS) -> No
         container.mux(stream_.encode())
 
 
-def write_videos(out: str | Path, split: str, n: int, seed: int, image_size: int = 64) -> int:
+def write_videos(
+    out: str | Path, split: str, n: int, seed: int, image_size: int = 64, *, listing: bool = True
+) -> int:
     """Write ``n`` clips to ``out/videos/{split}/{i:06d}.mp4`` and their rows to ``out/{split}_video.jsonl``
-    (``{"video", "captions", "clip", "id"}``); returns ``n``. Deterministic in ``(seed, split)``."""
+    (``{"video", "captions", "clip", "id"}``); returns ``n``. Deterministic in ``(seed, split)``.
+    ``listing=False``: event captions only (see :func:`clip_captions`)."""
     if image_size % 2:
         raise ValueError(f"video frames need an even size (yuv420p), got {image_size}")
     out = Path(out)
@@ -199,7 +275,7 @@ def write_videos(out: str | Path, split: str, n: int, seed: int, image_size: int
         rows.append(
             {
                 "video": video,
-                "captions": clip_captions(clip, caption_rng),
+                "captions": clip_captions(clip, caption_rng, listing=listing),
                 "clip": clip_to_dict(clip),
                 "id": f"{split}-video-{i:06d}",
             }

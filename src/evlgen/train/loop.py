@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from evlgen.config import Config, ConfigError, dump_yaml, load_config, to_dict
-from evlgen.data.features import FeatureSource, tower_digest
+from evlgen.data.features import FeatureSource, refuse_trainable_tower, tower_digest
 from evlgen.data.pipeline import (
     Batch,
     TrainStream,
@@ -37,7 +37,7 @@ from evlgen.data.pipeline import (
     make_sample_maker,
     open_sources,
 )
-from evlgen.model.build import build_vlm, from_pretrained, state_digest
+from evlgen.model.build import build_vlm, from_pretrained, init_from_pretrained, state_digest
 from evlgen.model.vlm import VLM
 from evlgen.train import checkpoint as ckpt_io
 from evlgen.train.distributed import Dist
@@ -216,6 +216,11 @@ def train(
     if not dist.is_main:
         sources = open_sources(dc.train, cache_dir)
 
+    if ckpt is None and tc.init_from is not None and not (Path(tc.init_from) / "model.safetensors").is_file():
+        # Before a large model loads: init_from_pretrained would fail the same way, minutes later.
+        raise ConfigError(
+            f"train.init_from: {tc.init_from} is not a saved evlgen model (no model.safetensors)"
+        )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, saved_cfg)
@@ -226,6 +231,8 @@ def train(
     torch.manual_seed(cfg.seed)  # identical random init on every rank
     if ckpt is None:
         vlm = build_vlm(cfg, log_table=dist.is_main)
+        if tc.init_from is not None:
+            init_from_pretrained(vlm, tc.init_from)
     else:
         vlm = from_pretrained(ckpt / ckpt_io.MODEL)
         vlm.config = cfg
@@ -255,6 +262,7 @@ def train(
     # -- data -------------------------------------------------------------------------------------
     caches = [s for s in sources if isinstance(s, FeatureSource)]
     if caches:
+        refuse_trainable_tower(cfg)
         digest = tower_digest(vlm.vision)
         for cache in caches:
             cache.check_compatible(cfg, digest)
