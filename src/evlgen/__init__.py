@@ -3,8 +3,12 @@
 __version__ = "0.1.0"
 
 
-def load(path: str) -> "VLM":  # noqa: F821
-    """Load a model saved with `save_pretrained` (trainable weights + config naming the frozen parts)."""
-    from evlgen.model.build import from_pretrained
+def load(path_or_repo: str, *, revision: str | None = None, **hub: object) -> "VLM":  # noqa: F821
+    """Load a model saved with `save_pretrained`, from a folder or a Hugging Face repo id.
 
-    return from_pretrained(path)
+    A repo id ('owner/name') is fetched with huggingface_hub (or read from its cache when offline);
+    `revision` pins a hub commit, and `hub` goes to `snapshot_download` (cache_dir, token, ...).
+    """
+    from evlgen.hub import load as _load
+
+    return _load(path_or_repo, revision=revision, **hub)

@@ -14,6 +14,9 @@ Subcommands:
   eval CONFIG --checkpoint DIR           benchmark scores + official submission files (torchrun for ranks)
   caption --checkpoint DIR FILE...       captions for images or videos
   vqa --checkpoint DIR FILE... -q Q      answers to a question about images or videos
+  convert lavis CKPT [k=v] --preset P --out D   the authors' (LAVIS) checkpoints -> evlgen folders
+  push DIR OWNER/NAME                    upload a saved model to the Hugging Face Hub
+  serve --checkpoint DIR                 web demo: caption an image or video, or ask a question
 """
 
 from __future__ import annotations
@@ -236,9 +239,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _load_for_inference(checkpoint: str) -> Any:
     import torch
 
-    from evlgen.model.vlm import VLM
+    import evlgen
 
-    vlm = VLM.from_pretrained(checkpoint).eval()
+    vlm = evlgen.load(checkpoint).eval()  # a folder or a hub repo id
     return vlm.to("cuda") if torch.cuda.is_available() else vlm
 
 
@@ -260,6 +263,48 @@ def _vqa(args: argparse.Namespace) -> int:
     gen = {"num_beams": args.beams} if args.beams else {}
     for path, q, a in zip(files, questions, vlm.answer(files, questions, **gen), strict=True):
         print(json.dumps({"file": path, "question": q, "answer": a}) if args.json else f"{path}\t{q}\t{a}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from evlgen.convert import ConversionError, convert_lavis
+
+    cfg = load_config(args.preset, args.overrides)
+    try:
+        summary = convert_lavis(args.checkpoint, cfg, args.out)
+    except ConversionError as e:
+        print(f"evlgen: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"converted {summary['converted']} tensors ({summary['parameters']:,} parameters; "
+        f"{len(summary['dropped'])} unused reference keys dropped) into {summary['out']}"
+    )
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from evlgen.hub import HubError, push_to_hub
+
+    try:
+        url = push_to_hub(args.checkpoint, args.repo_id, private=args.private, revision=args.revision)
+    except HubError as e:
+        print(f"evlgen: {e}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from evlgen.serve import Limits, serve
+
+    limits = Limits(
+        max_bytes=int(args.max_upload_mb * 1e6),
+        max_pixels=args.max_pixels,
+        max_video_seconds=args.max_video_seconds,
+        max_video_frames=args.max_video_frames,
+        timeout_s=args.timeout,
+    )
+    serve(args.checkpoint, host=args.host, port=args.port, limits=limits, queue_size=args.queue_size)
     return 0
 
 
@@ -454,6 +499,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=None, help="default: the model's vqa.num_beams")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_vqa)
+
+    p = sub.add_parser("convert", help="convert checkpoints from other code bases")
+    convert_sub = p.add_subparsers(dest="convert_format", required=True)
+    p = convert_sub.add_parser(
+        "lavis", help="the authors' released EVLGen checkpoints (LAVIS .pth) -> an evlgen model folder"
+    )
+    p.add_argument("checkpoint", help="the LAVIS .pth (read with weights_only=True)")
+    p.add_argument("--preset", required=True, help="the preset it was trained with, e.g. paper-opt2.7b")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides (right after CKPT), e.g. llm.name_or_path=/models/opt"
+    )
+    p.add_argument("--out", required=True, help="output model folder")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
+    p.add_argument("checkpoint", help="a model folder (save_pretrained / convert output)")
+    p.add_argument("repo_id", help="owner/name (created if missing)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.set_defaults(func=_push)
+
+    p = sub.add_parser("serve", help="web demo: upload an image or a short video, get a caption or an answer")
+    p.add_argument("--checkpoint", required=True, help="a model folder or a hub repo id")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the demo to your network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted file")
+    p.add_argument("--max-pixels", type=int, default=25_000_000, help="per image or video frame")
+    p.add_argument("--max-video-seconds", type=float, default=60.0)
+    p.add_argument("--max-video-frames", type=int, default=3000)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one request may take")
+    p.add_argument("--queue-size", type=int, default=16, help="waiting requests before 'busy' answers")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from evlgen.data.transforms import ImageLoadError
 
-__all__ = ["SAMPLING_MODES", "check_video", "load_video_frames", "sample_frame_indices"]
+__all__ = ["SAMPLING_MODES", "check_video", "load_video_frames", "sample_frame_indices", "video_length"]
 
 SAMPLING_MODES = ("segments", "head-tail")
 VideoSource = str | bytes
@@ -137,6 +137,36 @@ def check_video(source: VideoSource, max_pixels: int, name: str | None = None) -
         with container:
             if next(iter(container.decode(stream)), None) is None:
                 raise ImageLoadError(f"{path}: no decodable frames")
+    except ImageLoadError:
+        raise
+    except Exception as exc:
+        raise ImageLoadError(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def video_length(path: str, max_pixels: int, max_frames: int) -> tuple[float | None, int]:
+    """(duration in seconds, or None when the container does not say; frame count) of a clip.
+
+    The frame count comes from the header, or by decoding when the header has none; decoding stops
+    after ``max_frames + 1`` frames, so a caller enforcing a limit never decodes a huge clip. Raises
+    :class:`ImageLoadError` for a bad clip (``ImportError`` without PyAV).
+    """
+    av = _import_av()
+    try:
+        container, stream = _open(av, path, max_pixels)
+        with container:
+            seconds = None
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                seconds = container.duration / av.time_base
+            frames = int(stream.frames or 0)
+            if frames <= 0:
+                for frames, _ in enumerate(container.decode(stream), start=1):
+                    if frames > max_frames:
+                        break
+        if frames <= 0:
+            raise ImageLoadError(f"{path}: no decodable frames")
+        return seconds, frames
     except ImageLoadError:
         raise
     except Exception as exc:

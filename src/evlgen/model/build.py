@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ WEIGHTS_FILE = "model.safetensors"
 # Trainable weights a video model may have that an image checkpoint lacks (`train.init_from`).
 VIDEO_KEYS = ("vision.block_adapters.", "frame_tokens.")
 CONFIG_FILE = "config.yaml"
+CARD_FILE = "README.md"
 # Marks a frozen part saved inside the checkpoint directory (random or locally trained weights).
 LOCAL_PREFIX = "./"
 
@@ -397,19 +399,30 @@ def init_from_stage1(vlm: VLM, path: str | Path) -> None:
     log.info("stage 2 starts from the stage-1 Q-Former in %s (%d tensors)", directory, len(state))
 
 
-def describe(cfg: Config) -> dict[str, Any]:
-    """Token schedule, connector MACs and parameter counts, from shapes alone (meta device)."""
-    p = plan(cfg)
-    # Counting needs no LM vocabulary: the byte tokenizer spares a tokenizer download. The Q-Former's
-    # text path keeps its own (its word embeddings and ITG head are trainable), when available offline.
+def meta_vlm(cfg: Config) -> VLM:
+    """The model on the meta device: every name and shape, no memory, nothing downloaded."""
+    counting = _counting_config(cfg)
+    with torch.device("meta"):
+        return build_vlm(counting, random_weights=True, log_table=False)
+
+
+def _counting_config(cfg: Config) -> Config:
+    """`cfg` for counting shapes: no LM vocabulary is needed, so the byte tokenizer spares a tokenizer
+    download. The Q-Former's text path keeps its own (its word embeddings and ITG head are trainable),
+    when available offline."""
     text = cfg.connector.text_tokenizer or cfg.llm.tokenizer or cfg.llm.name_or_path or "byte"
-    counting = dataclasses.replace(
+    return dataclasses.replace(
         cfg,
         llm=dataclasses.replace(cfg.llm, tokenizer="byte"),
         connector=dataclasses.replace(cfg.connector, text_tokenizer=text),
     )
-    with torch.device("meta"):
-        vlm = build_vlm(counting, random_weights=True, log_table=False)
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """Token schedule, connector MACs and parameter counts, from shapes alone (meta device)."""
+    p = plan(cfg)
+    vlm = meta_vlm(cfg)
+    counting = _counting_config(cfg)
     trainable = sum(t.numel() for _, t in vlm.trainable_named_parameters())
     total = sum(t.numel() for t in vlm.parameters())
     return {
@@ -480,34 +493,59 @@ def _text_vocab_size(cfg: Config, vlm: VLM) -> int:
 # Save / load
 
 
-def save_pretrained(vlm: VLM, directory: str | Path) -> Path:
-    """Write trainable weights (safetensors) + resolved config, atomically.
+def save_pretrained(vlm: VLM, directory: str | Path, *, card_notes: Sequence[str] = ()) -> Path:
+    """Write trainable weights (safetensors) + resolved config + a model card, atomically.
 
     Frozen parts are referenced by hub id or path. A frozen part with no source (random or built
     locally) is saved inside the directory in transformers format, so the checkpoint stays loadable.
     """
     if vlm.config is None:
         raise ValueError("this VLM has no config attached; build it with build_vlm or set vlm.config")
-    cfg: Config = vlm.config
+
+    def embed(tmp: Path, cfg: Config) -> Config:
+        if _embedded(cfg.vision.name_or_path):
+            vlm.vision.model.save_pretrained(tmp / "vision")
+            cfg = dataclasses.replace(
+                cfg, vision=dataclasses.replace(cfg.vision, name_or_path=LOCAL_PREFIX + "vision")
+            )
+        if vlm.llm is not None and _embedded(cfg.llm.name_or_path):  # Q-Former stage 1 has no LM
+            vlm.llm.model.save_pretrained(tmp / "llm")
+            vlm.llm.tokenizer.save_pretrained(tmp / "llm")
+            cfg = dataclasses.replace(
+                cfg, llm=dataclasses.replace(cfg.llm, name_or_path=LOCAL_PREFIX + "llm", tokenizer=None)
+            )
+        return cfg
+
+    return write_checkpoint(
+        directory, vlm.trainable_state_dict(), vlm.config, embed=embed, card_notes=card_notes
+    )
+
+
+def write_checkpoint(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: Config,
+    *,
+    embed: Callable[[Path, Config], Config] | None = None,
+    card_notes: Sequence[str] = (),
+) -> Path:
+    """Atomically write a checkpoint folder: `state` as safetensors, the config, a README.md model card.
+
+    `embed(tmp, cfg)` may write frozen parts into the folder and returns the config that refers to them.
+    """
+    from evlgen.hub import model_card
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in vlm.trainable_state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    if _embedded(cfg.vision.name_or_path):
-        vlm.vision.model.save_pretrained(tmp / "vision")
-        cfg = dataclasses.replace(
-            cfg, vision=dataclasses.replace(cfg.vision, name_or_path=LOCAL_PREFIX + "vision")
-        )
-    if vlm.llm is not None and _embedded(cfg.llm.name_or_path):  # Q-Former stage 1 has no LM
-        vlm.llm.model.save_pretrained(tmp / "llm")
-        vlm.llm.tokenizer.save_pretrained(tmp / "llm")
-        cfg = dataclasses.replace(
-            cfg, llm=dataclasses.replace(cfg.llm, name_or_path=LOCAL_PREFIX + "llm", tokenizer=None)
-        )
+    if embed is not None:
+        cfg = embed(tmp, cfg)
     dump_yaml(cfg, tmp / CONFIG_FILE)
+    (tmp / CARD_FILE).write_text(model_card(cfg, state, card_notes))
     fsync_tree(tmp)
     if directory.exists():
         old = directory.parent / f".{directory.name}.old-{os.getpid()}"
@@ -539,13 +577,18 @@ def _localise(value: str | None, directory: Path) -> str | None:
     return value
 
 
+def read_config(directory: str | Path) -> Config:
+    """The checkpoint's config as saved (in-directory parts still named `./...`)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an evlgen checkpoint: {CONFIG_FILE} is missing")
+    return from_dict(Config, yaml.safe_load(path.read_text()))
+
+
 def load_checkpoint_config(directory: str | Path) -> Config:
     """The checkpoint's config with its in-directory parts resolved to absolute paths."""
     directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an evlgen checkpoint: {CONFIG_FILE} is missing")
-    cfg = from_dict(Config, yaml.safe_load(path.read_text()))
+    cfg = read_config(directory)
     vision = dataclasses.replace(cfg.vision, name_or_path=_localise(cfg.vision.name_or_path, directory))
     llm = dataclasses.replace(
         cfg.llm,
@@ -563,7 +606,7 @@ def from_pretrained(directory: str | Path) -> VLM:
     weights = directory / WEIGHTS_FILE
     vlm.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
     # Keep the config as saved (with ./ references) so a re-save copies those parts along.
-    vlm.config = from_dict(Config, yaml.safe_load((directory / CONFIG_FILE).read_text()))
+    vlm.config = read_config(directory)
     return vlm
 
 

@@ -294,9 +294,7 @@ class TomeFormer(nn.Module):
         )
         module = cls(shape, r=r, r_inflection=r_inflection, merge_mode=merge_mode, protected=protected)
         state = {}
-        for key, value in bert.state_dict().items():
-            if key.startswith(("pooler.", "embeddings.word_embeddings.")) or key == "embeddings.position_ids":
-                continue
+        for key, value in split_bert_state(bert.state_dict())[0].items():
             if key.startswith("encoder.layer.") and int(key.split(".")[2]) >= layers:
                 continue
             state[key] = value
@@ -308,6 +306,22 @@ class TomeFormer(nn.Module):
         check_state_dict(module.state_dict(), state, "BertModel", "TomeFormer")
         module.load_state_dict(state, strict=True)
         return module
+
+
+# Entries of a transformers `BertModel` state dict that TomeFormer has no counterpart for: word embeddings
+# (its inputs are visual tokens), the pooler (never used), and the id buffers some versions save.
+BERT_UNUSED_PREFIXES = ("pooler.", "embeddings.word_embeddings.")
+BERT_ID_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def split_bert_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a BertModel state dict into (TomeFormer's entries, the entries it has no use for)."""
+    kept: dict[str, Tensor] = {}
+    unused: dict[str, Tensor] = {}
+    for key, value in state.items():
+        target = unused if key.startswith(BERT_UNUSED_PREFIXES) or key in BERT_ID_BUFFERS else kept
+        target[key] = value
+    return kept, unused
 
 
 def interpolate_positions(table: Tensor, n: int) -> Tensor:

@@ -335,8 +335,11 @@ class FrozenLM(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        max_time: float | None = None,
     ) -> list[str]:
         """Generate one text per sample after ``[prefix ; prompt]``, cut at the end token and stripped.
+
+        max_time: stop generating after this many seconds (a served request's time limit).
 
         prefix: [B, P, D]; prefix_mask: [B, P] bool or None. Other parameters of
         ``model.generation_config`` (e.g. ``no_repeat_ngram_size``) still apply.
@@ -361,6 +364,8 @@ class FrozenLM(nn.Module):
         # Passed only where they act, so transformers does not warn about unused flags.
         if num_beams > 1:
             options["length_penalty"] = length_penalty
+        if max_time is not None:
+            options["max_time"] = max_time
         if do_sample:
             options["temperature"] = temperature
             options["top_p"] = top_p

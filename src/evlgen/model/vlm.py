@@ -214,11 +214,20 @@ class VLM(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Trainable weights (safetensors) + resolved config; see build.save_pretrained."""
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Trainable weights (safetensors) + resolved config + model card; see build.save_pretrained."""
         from evlgen.model.build import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save to a temporary folder and upload it to a Hugging Face repo; see evlgen.hub.push_to_hub."""
+        import tempfile
+
+        from evlgen.hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return push_to_hub(self.save_pretrained(Path(tmp) / "model"), repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VLM:
