@@ -113,12 +113,11 @@ def test_tower_ceiling_reads_what_the_tokens_hold():
     assert blind["scene_accuracy"] < seeing["scene_accuracy"]
 
 
-def test_convergence_miniature_end_to_end(tmp_path):
-    out = tmp_path / "conv"
-    results = run_convergence(
+def _miniature(out, names, seeds, tmp_path):
+    return run_convergence(
         out,
-        names=["tomeformer", "tomeformer-r0"],
-        seeds=[0, 1],
+        names=names,
+        seeds=seeds,
         budgets=[4, 2],
         eval_samples=6,
         overrides=[
@@ -132,6 +131,11 @@ def test_convergence_miniature_end_to_end(tmp_path):
         cache_dir=str(tmp_path / "cache"),
         probe_scenes=(40, 20),
     )
+
+
+def test_convergence_miniature_end_to_end(tmp_path):
+    out = tmp_path / "conv"
+    results = _miniature(out, ["tomeformer", "tomeformer-r0"], [0, 1], tmp_path)
     assert results["budgets"] == [2, 4]
     for name in ("tomeformer", "tomeformer-r0"):
         for seed in ("0", "1"):
@@ -149,23 +153,7 @@ def test_convergence_miniature_end_to_end(tmp_path):
 
     # Run again: every (contender, seed) is read back from its result.json instead of retrained.
     stamp = (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns
-    again = run_convergence(
-        out,
-        names=["tomeformer"],
-        seeds=[0],
-        budgets=[4, 2],
-        eval_samples=6,
-        overrides=[
-            "train.batch_size=8",
-            "data.num_workers=0",
-            "caption.num_beams=1",
-            "caption.max_new_tokens=6",
-        ],
-        sizes=SIZES,
-        recipe=TINY,
-        cache_dir=str(tmp_path / "cache"),
-        probe_scenes=(40, 20),
-    )
+    again = _miniature(out, ["tomeformer"], [0], tmp_path)
     assert (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns == stamp
     assert again["contenders"]["tomeformer"]["runs"]["0"] == results["contenders"]["tomeformer"]["runs"]["0"]
 

@@ -132,6 +132,19 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(_Layer(s) for _ in range(s.num_hidden_layers))
 
 
+def bert_init(m: nn.Module) -> None:
+    """BERT's initialisation (`module.apply(bert_init)`), for connectors built without a pretrained BERT."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 @dataclass
 class TokenState:
     """What travels with the tokens between layers.
@@ -174,22 +187,11 @@ class TomeFormer(nn.Module):
         self.protected = protected
         self.embeddings = _Embeddings(shape)
         self.encoder = _Encoder(shape)
-        self.apply(self._init_weights)
+        self.apply(bert_init)
 
     @property
     def hidden_size(self) -> int:
         return self.shape.hidden_size
-
-    def _init_weights(self, m: nn.Module) -> None:
-        # BERT's initialisation, used when no pretrained BERT is loaded (tests, the r=0 baseline).
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def token_schedule(self, num_tokens: int) -> list[int]:
         """Token counts entering each layer, then the output count; raises on an impossible r."""

@@ -42,6 +42,7 @@ from evlgen.model.connector import (
     TokenState,
     _AddNorm,
     _Intermediate,
+    bert_init,
     check_state_dict,
 )
 
@@ -146,17 +147,6 @@ class _QueryEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-def _bert_init(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Embedding):
-        nn.init.normal_(m.weight, std=0.02)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 class QFormer(nn.Module):
     """BLIP-2's Q-Former: learned queries that read the visual tokens by cross-attention.
 
@@ -189,7 +179,7 @@ class QFormer(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, shape.hidden_size))
         self.embeddings = _QueryEmbeddings(shape)
         self.encoder = _Encoder(shape, encoder_width, cross_attention_freq)
-        self.apply(_bert_init)
+        self.apply(bert_init)
         nn.init.normal_(self.query_tokens, std=0.02)  # BLIP-2: normal(0, initializer_range)
 
     @property
@@ -474,7 +464,7 @@ class QFormerStage1(nn.Module):
         self.vision_proj = nn.Linear(s.hidden_size, embed_dim)
         self.text_proj = nn.Linear(s.hidden_size, embed_dim)
         self.itm_head = nn.Linear(s.hidden_size, 2)
-        self.apply(_bert_init)
+        self.apply(bert_init)
         self.temp = nn.Parameter(torch.tensor(0.07))  # BLIP-2's initial ITC temperature
 
     def load_bert(self, bert: nn.Module, head: nn.Module | None = None) -> None:
