@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,21 @@ class _Encoder(nn.Module):
     def __init__(self, s: BertShape) -> None:
         super().__init__()
         self.layer = nn.ModuleList(_Layer(s) for _ in range(s.num_hidden_layers))
+
+
+def bert_shape(cfg: Any, layers: int | None = None, max_positions: int | None = None) -> BertShape:
+    """The BertShape of a transformers BertConfig, optionally keeping the first `layers` layers and
+    with another position-table size."""
+    return BertShape(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers if layers is None else layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max_positions or cfg.max_position_embeddings,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
+    )
 
 
 def bert_init(m: nn.Module) -> None:
@@ -284,16 +300,7 @@ class TomeFormer(nn.Module):
         layers = cfg.num_hidden_layers if num_layers is None else num_layers
         if not 1 <= layers <= cfg.num_hidden_layers:
             raise ValueError(f"num_layers must be in [1, {cfg.num_hidden_layers}], got {num_layers}")
-        shape = BertShape(
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=cfg.num_attention_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=max_positions or cfg.max_position_embeddings,
-            layer_norm_eps=cfg.layer_norm_eps,
-            hidden_dropout_prob=cfg.hidden_dropout_prob,
-            attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
-        )
+        shape = bert_shape(cfg, layers, max_positions)
         module = cls(shape, r=r, r_inflection=r_inflection, merge_mode=merge_mode, protected=protected)
         state = {}
         for key, value in split_bert_state(bert.state_dict())[0].items():

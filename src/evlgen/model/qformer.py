@@ -43,6 +43,7 @@ from evlgen.model.connector import (
     _AddNorm,
     _Intermediate,
     bert_init,
+    bert_shape,
     check_state_dict,
 )
 
@@ -290,20 +291,6 @@ class QFormer(nn.Module):
         check_state_dict(module.state_dict(), state, "BertModel", "QFormer")
         module.load_state_dict(state, strict=True)
         return module
-
-
-def bert_shape(cfg: object, layers: int | None = None) -> BertShape:
-    """The BertShape of a transformers BertConfig (optionally keeping the first `layers` layers)."""
-    return BertShape(
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers if layers is None else layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        layer_norm_eps=cfg.layer_norm_eps,
-        hidden_dropout_prob=cfg.hidden_dropout_prob,
-        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
-    )
 
 
 # -------------------------------------------------------------------------------------------------
