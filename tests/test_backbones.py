@@ -3,8 +3,10 @@
 import threading
 import time
 
+import pytest
 import torch
 
+from evlgen.config import ConfigError
 from evlgen.synth import backbones, world
 from evlgen.synth.backbones import _length_bucketed, patch_targets
 
@@ -113,3 +115,16 @@ class _Saveable:
     def save_pretrained(self, path):
         path.mkdir(parents=True, exist_ok=True)
         (path / "saved").write_text("x")
+
+
+def test_recipe_changes_are_typed_and_bad_ones_named():
+    base = backbones.Recipe()
+    changed = backbones.recipe_with(base, ["lm_hidden=256", "lm_lr=1e-3", "shuffle_slots=false"])
+    assert (changed.lm_hidden, changed.lm_lr, changed.shuffle_slots) == (256, 1e-3, False)
+    assert changed.digest() != base.digest() and backbones.recipe_with(base, []) == base
+    with pytest.raises(ConfigError, match="lm_hiden"):
+        backbones.recipe_with(base, ["lm_hiden=256"])
+    with pytest.raises(ConfigError, match="lm_hidden: 'big' is not a valid int"):
+        backbones.recipe_with(base, ["lm_hidden=big"])
+    with pytest.raises(ConfigError, match="shuffle_slots"):
+        backbones.recipe_with(base, ["shuffle_slots=yes"])

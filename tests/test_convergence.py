@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 
 from evlgen.config import ConfigError
-from evlgen.convergence import crossing, run_convergence, seconds_at, step_seconds, summarise
+from evlgen.convergence import (
+    contenders,
+    crossing,
+    run_convergence,
+    seconds_at,
+    split_scoped,
+    step_seconds,
+    summarise,
+)
 from evlgen.synth.probe import tower_ceiling
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -113,7 +121,7 @@ def test_tower_ceiling_reads_what_the_tokens_hold():
     assert blind["scene_accuracy"] < seeing["scene_accuracy"]
 
 
-def _miniature(out, names, seeds, tmp_path):
+def _miniature(out, names, seeds, tmp_path, extra=()):
     return run_convergence(
         out,
         names=names,
@@ -125,6 +133,7 @@ def _miniature(out, names, seeds, tmp_path):
             "data.num_workers=0",
             "caption.num_beams=1",
             "caption.max_new_tokens=6",
+            *extra,
         ],
         sizes=SIZES,
         recipe=TINY,
@@ -157,5 +166,26 @@ def test_convergence_miniature_end_to_end(tmp_path):
     assert (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns == stamp
     assert again["contenders"]["tomeformer"]["runs"]["0"] == results["contenders"]["tomeformer"]["runs"]["0"]
 
+    # An override for one contender retrains that one only, and the report names it.
+    r0 = out / "runs" / "tomeformer-r0-seed0" / "result.json"
+    stamp_r0 = r0.stat().st_mtime_ns
+    scoped = _miniature(out, ["tomeformer", "tomeformer-r0"], [0], tmp_path, ["tomeformer-r0:train.lr=1e-4"])
+    assert (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns == stamp
+    assert r0.stat().st_mtime_ns != stamp_r0
+    assert scoped["contenders"]["tomeformer-r0"]["overrides"] == ["connector.r=0", "train.lr=1e-4"]
+    assert scoped["contenders"]["tomeformer"]["overrides"] == []
+    assert "tomeformer-r0: ['connector.r=0', 'train.lr=1e-4']" in (out / "report.md").read_text()
+
     with pytest.raises(ConfigError, match="unknown contenders"):
         run_convergence(tmp_path / "x", names=["resnet"])
+
+
+def test_scoped_overrides_reach_both_stages_of_their_contender_only():
+    known = contenders(10)
+    shared, scoped = split_scoped(
+        ["train.lr=1e-3", "qformer-2stage:connector.num_queries=8", "data.val={path: /a:b}"], known
+    )
+    assert shared == ["train.lr=1e-3", "data.val={path: /a:b}"]  # a colon in the value is not a scope
+    assert scoped == {"qformer-2stage": ["connector.num_queries=8"]}
+    with pytest.raises(ConfigError, match="unknown contender 'qformr'"):
+        split_scoped(["qformr:connector.num_queries=8"], known)

@@ -104,6 +104,10 @@ def test_describe_is_canonical():
     )
     assert scene.describe() == "a large red circle on the left. a small blue star in the middle."
     assert scene.slots() == "left: a large red circle. middle: a small blue star. right: nothing."
+    orders = {scene.slots(random.Random(k)) for k in range(20)}
+    assert len(orders) == 6  # every order of the three named slots occurs, each slot intact
+    slot = re.compile(r"\w+: [^.]*\.")
+    assert all(sorted(slot.findall(o)) == sorted(slot.findall(scene.slots())) for o in orders)
     assert W.captions(scene, random.Random(0), 1) == [
         "a large red circle on the left and a small blue star in the middle"
     ]

@@ -140,6 +140,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_convergence(args: argparse.Namespace) -> int:
     from evlgen.convergence import run_convergence
+    from evlgen.synth.backbones import Recipe, recipe_with
 
     target = None
     if args.target:
@@ -160,6 +161,8 @@ def _bench_convergence(args: argparse.Namespace) -> int:
         target=target,
         overrides=args.overrides,
         cache_dir=args.cache_dir,
+        sizes={"train": args.train_images} if args.train_images else None,
+        recipe=recipe_with(Recipe(), args.backbones.split(",")) if args.backbones else None,
     )
     print(
         (Path(args.out) / "report.md").read_text()
@@ -423,8 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
         "convergence",
         help="connectors trained on the synthetic world under one budget, several seeds: quality vs steps/s",
     )
-    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo preset for every contender")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of the demo preset for every contender (train.lr=1e-3), or for one "
+        "contender as NAME:key=value (qformer:connector.num_queries=8)",
+    )
     p.add_argument("--out", default="runs/convergence", help="output folder (report.md, results.json, PNGs)")
+    p.add_argument("--train-images", type=int, default=0, help="training scenes in the world (default 4000)")
+    p.add_argument(
+        "--backbones",
+        default="",
+        help="changes to the frozen backbones' recipe, e.g. lm_hidden=256,lm_layers=4 (built and cached "
+        "like the demo's; lm_steps=700,shuffle_slots=false is the LM before the demo's slot-order fix)",
+    )
     p.add_argument(
         "--connectors",
         default="tomeformer,tomeformer-r0,qformer,qformer-2stage,mlp",

@@ -112,6 +112,27 @@ def crossing(points: Sequence[tuple[float, float]], target: float) -> float | No
 # -- the benchmark --------------------------------------------------------------------------------------
 
 
+def split_scoped(
+    overrides: Sequence[str], known: dict[str, Contender]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """Overrides for every contender, and ``NAME:key=value`` ones for contender NAME only (both stages of
+    a two-stage one), e.g. ``qformer:connector.num_queries=8``."""
+    shared: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for item in overrides:
+        head = item.split("=", 1)[0]
+        if ":" not in head:
+            shared.append(item)
+            continue
+        name, _, rest = item.partition(":")
+        if name not in known:
+            raise ConfigError(
+                f"override {item!r} names unknown contender {name!r}; choose from {sorted(known)}"
+            )
+        scoped.setdefault(name, []).append(rest)
+    return shared, scoped
+
+
 def _run_config(base: Config, extra: Sequence[str], *, seed: int, steps: int, every: int) -> Config:
     return with_overrides(
         base,
@@ -209,6 +230,15 @@ def run_convergence(
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"unknown contenders {unknown}; choose from {sorted(known)}")
+    overrides, scoped = split_scoped(overrides, known)
+    known = {
+        n: dataclasses.replace(
+            c,
+            overrides=(*c.overrides, *scoped.get(n, ())),
+            stage1=None if c.stage1 is None else (*c.stage1, *scoped.get(n, ())),
+        )
+        for n, c in known.items()
+    }
     budgets = sorted(set(budgets))
     if not budgets or budgets[0] <= 0:
         raise ConfigError(f"budgets must be positive step counts, got {budgets}")
@@ -240,6 +270,8 @@ def run_convergence(
         "eval_samples": eval_samples,
         "batch_size": base.train.batch_size,
         "base_overrides": list(overrides),
+        "world_sizes": dict(sizes or {}),
+        "backbones": backbones.name,
         "tower_ceiling": ceiling,
         "contenders": {},
     }
@@ -366,12 +398,18 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 def render(results: dict[str, Any]) -> str:
     s = results["summary"]
+    entries = results["contenders"].items()
+    scoped = ", ".join(f"{n}: {list(e['overrides'])}" for n, e in entries if e["overrides"]) or "none"
+    sizes = results.get("world_sizes") or "default"
     c = results["tower_ceiling"]
     lines = [
         "# Connector convergence on the synthetic world",
         "",
         f"Seeds {results['seeds']}, batch {results['batch_size']}, budgets {results['budgets']} steps, "
         f"{results['eval_samples']} unseen test scenes per evaluation.",
+        "",
+        f"Backbones `{results.get('backbones', '?')}`; world sizes {sizes}; overrides for every "
+        f"contender: {results['base_overrides'] or 'none'}; per contender: {scoped}.",
         "",
         f"Tower ceiling (linear probe of the frozen tower, {c['scenes']} unseen scenes): shape "
         f"{c['shape_accuracy']:.3f}, colour {c['colour_accuracy']:.3f}, size {c['size_accuracy']:.3f} per "

@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evlgen.config import CLIP_MEAN, CLIP_STD
+from evlgen.config import CLIP_MEAN, CLIP_STD, ConfigError
 from evlgen.data.sources import default_cache_dir
 from evlgen.data.transforms import to_tensor
 from evlgen.fsutil import exclusive_lock, fsync_tree
@@ -80,11 +80,17 @@ class Recipe:
     # join the LM corpus, so the LM knows what "moves from left to right" or "appears" means. 0 = the
     # image demo's backbones; left out of the digest then, so their cache key is unchanged.
     video_clips: int = 0
+    # List the LM context's three column slots in a random order per example, so that the LM must look a
+    # slot up by its name instead of copying by position (see `lm_corpus`; an experiment, off in the demo).
+    shuffle_slots: bool = False
 
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
-        if not self.video_clips:
-            fields.pop("video_clips")
+        # Fields added after a cache existed leave the digest at their old behaviour, so those caches
+        # keep their key (the video benchmark's backbones predate `shuffle_slots`).
+        for name, old in _DIGEST_LEGACY.items():
+            if fields[name] == old:
+                fields.pop(name)
         blob = json.dumps({"version": VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -116,6 +122,33 @@ class Recipe:
         }
 
 
+_DIGEST_LEGACY = {"video_clips": 0, "shuffle_slots": False}
+
+
+def recipe_with(recipe: Recipe, changes: Sequence[str]) -> Recipe:
+    """`recipe` with ``field=value`` changes (``lm_hidden=256``), each value parsed as its field's type."""
+    updates: dict[str, Any] = {}
+    for item in changes:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not hasattr(recipe, name):
+            fields = sorted(f.name for f in dataclasses.fields(Recipe))
+            raise ConfigError(
+                f"backbones recipe change {item!r}: expected FIELD=VALUE with FIELD one of {fields}"
+            )
+        kind = type(getattr(recipe, name))
+        try:
+            if kind is bool:
+                if raw.strip().lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                updates[name] = raw.strip().lower() == "true"
+            else:
+                updates[name] = kind(raw)
+        except ValueError:
+            raise ConfigError(f"backbones recipe {name}: {raw!r} is not a valid {kind.__name__}") from None
+    return dataclasses.replace(recipe, **updates)
+
+
 def backbones_dir(recipe: Recipe, cache_dir: str | Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return root / "synth-backbones" / f"v{VERSION}-{recipe.digest()}"
@@ -138,6 +171,8 @@ def ensure_backbones(
 
 
 def _build_backbones(recipe: Recipe, out: Path, progress: Progress | None) -> None:
+    # One process, in turn, on every core: two single-threaded processes side by side took ~3x longer
+    # per step each here (2 vCPUs), so nothing is gained by building the LM and the tower in parallel.
     t0 = time.perf_counter()
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -176,14 +211,17 @@ def lm_corpus(recipe: Recipe, rng: random.Random) -> list[tuple[str, str]]:
     pairs = []
     for _ in range(recipe.corpus_scenes):
         scene = world.sample_scene(rng)
-        # The context lists the three columns in a fixed order, empty ones included: a layout the spatial
-        # visual prefix imitates more easily than free-running sentences (EVLGen test attribute
-        # accuracy 0.70 vs 0.61 with `describe()`, same steps).
-        desc = scene.slots()
+        # The context names all three columns, empty ones included: a layout the spatial visual
+        # prefix imitates more easily than free-running sentences (EVLGen test attribute accuracy 0.70
+        # vs 0.61 with `describe()`, same steps). In the fixed order the LM copies slots into the
+        # caption by position; shuffled, it must find each slot by name, as it must in a visual prefix
+        # (docs/benchmarks.md: better binding when the LM learns it, but it needs ~3x the LM steps and
+        # did not learn it reliably).
+        order = rng if recipe.shuffle_slots else None  # a fresh order for every pair
         for cap in world.captions(scene, rng, 2):
-            pairs.append((desc, f"caption: {cap}"))
+            pairs.append((scene.slots(order), f"caption: {cap}"))
         for q, a in world.questions(scene, rng, 2):
-            pairs.append((desc, f"Question: {q} Short answer: {a}"))
+            pairs.append((scene.slots(order), f"Question: {q} Short answer: {a}"))
     if recipe.video_clips:
         from evlgen.synth import video
 

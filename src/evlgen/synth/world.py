@@ -100,14 +100,18 @@ class Scene:
         """Canonical text, e.g. ``"a large red circle on the left. a small blue star in the middle."``"""
         return " ".join(f"a {o.size} {o.colour} {o.shape} {AT[o.position]}." for o in self.objects)
 
-    def slots(self) -> str:
+    def slots(self, rng: random.Random | None = None) -> str:
         """One slot per column, empty ones included, e.g.
-        ``"left: a large red circle. middle: a small blue star. right: nothing."``"""
+        ``"left: a large red circle. middle: a small blue star. right: nothing."``; with `rng`, the
+        slots in a random order (each still named by its column)."""
         by = {o.position: o for o in self.objects}
-        return " ".join(
+        parts = [
             f"{p}: a {by[p].size} {by[p].colour} {by[p].shape}." if p in by else f"{p}: nothing."
             for p in POSITIONS
-        )
+        ]
+        if rng is not None:
+            rng.shuffle(parts)
+        return " ".join(parts)
 
 
 def _jitter(size: str) -> tuple[float, float]:
