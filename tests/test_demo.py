@@ -57,3 +57,15 @@ def test_demo_smoke_writes_everything_and_is_deterministic(tmp_path):
         for key, value in first[split].items():
             if key != "caption_scores":
                 assert second[split][key] == value, (split, key)
+
+
+def test_demo_and_convergence_name_a_bad_backbones_change_before_any_work(tmp_path, capsys):
+    from evlgen.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--backbones", "lm_stepz=5"]) == 2
+    assert "lm_stepz" in capsys.readouterr().err
+    assert main(["bench", "convergence", "--out", str(tmp_path / "c"), "--backbones", "lm_steps=many"]) == 2
+    assert "lm_steps: 'many' is not a valid int" in capsys.readouterr().err
+    assert main(["demo", "--video", "paper", "--backbones", "lm_steps=5"]) == 2
+    assert "video demo has its own recipe" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()

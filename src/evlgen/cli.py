@@ -194,6 +194,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.video and args.backbones:
+        raise ConfigError("--backbones changes the image demo's backbones; the video demo has its own recipe")
     if args.video:
         from evlgen.synth.video_demo import VARIANTS, run_video_demo
 
@@ -202,9 +204,11 @@ def _demo(args: argparse.Namespace) -> int:
         run_video_demo(args.out, variants=variants, seeds=seeds, overrides=args.overrides)
         print((Path(args.out) / "report.md").read_text())
         return 0
+    from evlgen.synth.backbones import Recipe, recipe_with
     from evlgen.synth.demo import run_demo
 
-    metrics = run_demo(args.out, seed=args.seed, overrides=args.overrides)
+    recipe = recipe_with(Recipe(seed=args.seed), args.backbones.split(",")) if args.backbones else None
+    metrics = run_demo(args.out, seed=args.seed, overrides=args.overrides, recipe=recipe)
     t, c = metrics["test"], metrics["comp"]
     print(
         f"test (unseen scenes):     CIDEr {t['cider']:.3f}  BLEU-4 {t['bleu4']:.3f}  "
@@ -477,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
         "paper, time-embed, concat, time-embed+concat; or all), overrides of the demo-video preset",
     )
     p.add_argument("--seeds", help="--video: training seeds, comma-separated (default: --seed)")
+    p.add_argument(
+        "--backbones",
+        default="",
+        help="changes to the backbones' recipe (image demo), e.g. shuffle_slots=true,lm_steps=2000",
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(
