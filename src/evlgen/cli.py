@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbones",
         default="",
-        help="changes to the frozen backbones' recipe, e.g. lm_hidden=256,lm_layers=4 (built and cached "
-        "like the demo's; lm_steps=700,shuffle_slots=false is the LM before the demo's slot-order fix)",
+        help="changes to the frozen backbones' recipe, e.g. lm_hidden=256,lm_layers=4 or "
+        "shuffle_slots=true,lm_steps=2000 (built once and cached like the demo's)",
     )
     p.add_argument(
         "--connectors",
