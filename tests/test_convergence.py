@@ -12,6 +12,7 @@ from PIL import Image
 
 from evlgen.config import ConfigError
 from evlgen.convergence import (
+    compare,
     contenders,
     crossing,
     run_convergence,
@@ -91,6 +92,54 @@ def test_summary_ratios_against_tomeformer():
         and never["steps_ratio"] is None
         and never["steps_seeds_reached"] == 0
     )
+
+
+def _results(contenders, budgets=(10, 20), base=(), sizes=None):
+    return {
+        "budgets": list(budgets),
+        "base_overrides": list(base),
+        "world_sizes": sizes or {},
+        "backbones": "v3-x",
+        "tower_ceiling": {"scene_accuracy": 0.95},
+        "contenders": {n: {**e, "overrides": o} for n, (e, o) in contenders.items()},
+    }
+
+
+def test_compare_puts_sweep_points_on_one_target(tmp_path):
+    main = _results(
+        {
+            "tomeformer": (_entry([[_pt(10, 0.2, 1), _pt(20, 0.5, 2)]] * 2), []),
+            "qformer": (
+                _entry([[_pt(10, 0.1, 1), _pt(20, 0.3, 2)], [_pt(10, 0.1, 1), _pt(20, 0.5, 2)]]),
+                ["q"],
+            ),
+        }
+    )
+    point = _results(
+        {"qformer": (_entry([[_pt(10, 0.4, 1), _pt(40, 0.6, 4)]]), ["connector.num_queries=8"])},
+        budgets=(10, 40),
+        base=["train.lr=1e-3"],
+        sizes={"train": 1000},
+    )
+    for name, r in (("main", main), ("q8", point)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+    table = compare([tmp_path / "main", tmp_path / "q8"])
+    assert "Steps to attribute_accuracy >= 0.4" in table  # 80% of main's TomeFormer final 0.5
+    assert (
+        "| run | connector | settings | backbones | tower | 10 | 20 | 40 | steps to target | seeds |" in table
+    )
+    # TomeFormer crosses 0.4 at 10 + 10 * 0.2 / 0.3 steps in both seeds; one Q-Former seed never does.
+    assert "| main | tomeformer | - | v3-x | 0.950 | 0.200 | 0.500 | - | 17 | 2/2 |" in table
+    assert "| main | qformer | q | v3-x | 0.950 | 0.100 | 0.400 | - | - | 1/2 |" in table
+    assert "| q8 | qformer | train.lr=1e-3, connector.num_queries=8, world {'train': 1000} |" in table
+    assert table.rstrip().endswith("| 0.400 | - | 0.600 | 10 | 1/1 |")
+    explicit = compare([tmp_path / "q8"], ("attribute_accuracy", 0.5))
+    assert ">= 0.5 " in explicit and explicit.rstrip().endswith("| 25 | 1/1 |")  # 10 + 30 * 0.1 / 0.2
+    with pytest.raises(ConfigError, match="no tomeformer run"):
+        compare([tmp_path / "q8"])
+    with pytest.raises(ConfigError, match="no results.json"):
+        compare([tmp_path])
 
 
 class _PixelTower(torch.nn.Module):

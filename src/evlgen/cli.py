@@ -138,19 +138,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_target(text: str | None) -> tuple[str, float] | None:
+    if not text:
+        return None
+    metric, _, value = text.partition("=")
+    try:
+        return (metric, float(value))
+    except ValueError:
+        raise ConfigError(f"--target must look like attribute_accuracy=0.5, got {text!r}") from None
+
+
 def _bench_convergence(args: argparse.Namespace) -> int:
     from evlgen.convergence import run_convergence
     from evlgen.synth.backbones import Recipe, recipe_with
 
-    target = None
-    if args.target:
-        metric, _, value = args.target.partition("=")
-        try:
-            target = (metric, float(value))
-        except ValueError:
-            raise ConfigError(
-                f"--target must look like attribute_accuracy=0.5, got {args.target!r}"
-            ) from None
+    target = _parse_target(args.target)
     results = run_convergence(
         args.out,
         names=args.connectors.split(","),
@@ -169,6 +171,13 @@ def _bench_convergence(args: argparse.Namespace) -> int:
         if not args.json
         else json.dumps(results["summary"], indent=2)
     )
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace) -> int:
+    from evlgen.convergence import compare
+
+    print(compare(args.runs, _parse_target(args.target)))
     return 0
 
 
@@ -459,6 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="backbones and index cache (default ~/.cache/evlgen)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench_convergence)
+    p = bench_sub.add_parser(
+        "compare", help="one table over several `bench convergence` runs (the points of a sweep)"
+    )
+    p.add_argument("runs", nargs="+", help="output folders of `evlgen bench convergence`")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="e.g. attribute_accuracy=0.46 (default: 80%% of the first run's TomeFormer final)",
+    )
+    p.set_defaults(func=_bench_compare)
 
     p = sub.add_parser("synth", help="generate the synthetic world (images, captions, questions, videos)")
     p.add_argument("--out", default="data/synth", help="output folder")

@@ -444,3 +444,54 @@ def render(results: dict[str, Any]) -> str:
                 f"{row['steps_seeds_reached']}/{len(results['seeds'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = None) -> str:
+    """One markdown table over several convergence runs, e.g. the points of a sweep.
+
+    Per folder and contender: the settings that differ from the shipped bench, the tower's ceiling,
+    attribute accuracy at every budget (mean over seeds) and the steps to one common `target` (default:
+    80% of the first folder's TomeFormer final attribute accuracy), so that rows compare across runs.
+    """
+    runs = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise ConfigError(f"{folder}: no results.json (not a finished `evlgen bench convergence` run)")
+        runs.append((Path(folder), json.loads(path.read_text())))
+    if target is None:
+        ref = runs[0][1]["contenders"].get("tomeformer")
+        if ref is None:
+            raise ConfigError(f"{runs[0][0]}: no tomeformer run to set the target from; pass a target")
+        target = ("attribute_accuracy", round(0.8 * _mean_curve(ref, "attribute_accuracy", "step")[-1][1], 3))
+    metric, value = target
+    budgets = sorted({b for _, r in runs for b in r["budgets"]})
+    lines = [
+        f"Steps to {metric} >= {value} (mean over seeds; two-stage counts both stages; '-': not every "
+        "seed reached it).",
+        "",
+        "| run | connector | settings | backbones | tower | "
+        + " | ".join(str(b) for b in budgets)
+        + " | steps to target | seeds |",
+        "| --- " * (len(budgets) + 6) + "|",
+    ]
+    for folder, r in runs:
+        for name, entry in r["contenders"].items():
+            at = {round(x): m for x, m, _ in _mean_curve(entry, "attribute_accuracy", "step")}
+            hits = [
+                crossing([(p["total_steps"], p[metric]) for p in run["points"]], value)
+                for run in entry["runs"].values()
+            ]
+            reached = [h for h in hits if h is not None]
+            settings = [*r["base_overrides"], *entry["overrides"]]
+            if r.get("world_sizes"):
+                settings.append(f"world {r['world_sizes']}")
+            cells = [_fmt(at.get(b)) for b in budgets]
+            steps = statistics.fmean(reached) if reached and len(reached) == len(hits) else None
+            lines.append(
+                f"| {folder.name} | {name} | {', '.join(settings) or '-'} | {r.get('backbones', '?')} | "
+                f"{r['tower_ceiling']['scene_accuracy']:.3f} | "
+                + " | ".join(cells)
+                + f" | {_fmt(steps, '.0f')} | {len(reached)}/{len(hits)} |"
+            )
+    return "\n".join(lines) + "\n"
