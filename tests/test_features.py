@@ -62,3 +62,14 @@ def test_a_cache_from_another_tower_is_refused(tmp_path, data):
         train(cfg_for(tmp_path / "feats", "seed=1"), tmp_path / "run")
     with pytest.raises(ConfigError, match="layer: cache -1, config -2"):
         train(cfg_for(tmp_path / "feats", "vision.layer=-2"), tmp_path / "run2")
+
+
+def test_a_cache_names_its_frame_sampling_and_old_caches_still_match(tmp_path, data):
+    cache_features(load_config("tiny", []), DatasetConfig(path=str(data)), tmp_path / "feats")
+    index = json.loads((tmp_path / "feats" / "index.json").read_text())
+    assert "frame_sampling" not in index["tower"]  # the default leaves the identity as it always was
+    FeatureSource(tmp_path / "feats").check_compatible(load_config("tiny", []))
+    with pytest.raises(ConfigError, match="frame_sampling: cache None, config 'head-tail'"):
+        FeatureSource(tmp_path / "feats").check_compatible(
+            load_config("tiny", ["data.frame_sampling=head-tail"])
+        )

@@ -53,9 +53,9 @@ class FeatureRecord:
 
 
 def tower_identity(cfg: Config) -> dict[str, Any]:
-    """Everything that decides the tower's output for a given image."""
+    """Everything that decides the tower's output for a given image (or clip)."""
     v, d = cfg.vision, cfg.data
-    return {
+    identity = {
         "family": v.family,
         "name_or_path": v.name_or_path,
         "revision": v.revision,
@@ -66,6 +66,11 @@ def tower_identity(cfg: Config) -> dict[str, Any]:
         "eval_resize": d.eval_resize,
         "frames": d.frames,
     }
+    # Which frames a clip's augmented views hold. Named only when it is not the default, the one
+    # behaviour before the option existed, so that caches written then still match.
+    if d.frame_sampling != "segments":
+        identity["frame_sampling"] = d.frame_sampling
+    return identity
 
 
 def refuse_trainable_tower(cfg: Config) -> None:
