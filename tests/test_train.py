@@ -249,3 +249,22 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, data):
     summary = train(load_config("tiny", overrides), tmp_path / "run", resume="auto")
     assert summary["completed"] and summary["steps"] == 12
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
+
+
+def test_init_from_starts_the_run_at_a_saved_model(tmp_path, data):
+    first = train(cfg_for(data), tmp_path / "a")
+    frozen_lr = ["train.lr=0", "train.min_lr=0", "train.warmup_start_lr=0", "train.weight_decay=0"]
+    fresh = train(cfg_for(data, "train.steps=2", "seed=1", *frozen_lr), tmp_path / "fresh")
+    started = train(
+        cfg_for(data, "train.steps=2", "seed=1", *frozen_lr, f"train.init_from={first['model']}"),
+        tmp_path / "b",
+    )
+    saved = load_file(str(Path(first["model"]) / "model.safetensors"))
+    after = load_file(str(Path(started["model"]) / "model.safetensors"))
+    untouched = load_file(str(Path(fresh["model"]) / "model.safetensors"))
+    assert saved.keys() == after.keys()
+    assert all(torch.equal(saved[k], after[k]) for k in saved)  # LR 0: the run holds what it loaded
+    assert not all(torch.equal(saved[k], untouched[k]) for k in saved)  # ... which is not a fresh init
+    with pytest.raises(ConfigError, match="not a saved evlgen model"):
+        train(cfg_for(data, f"train.init_from={tmp_path / 'nowhere'}"), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
