@@ -18,7 +18,7 @@ from evlgen.bench import bench_train
 from evlgen.cli import main
 from evlgen.config import ConfigError, load_config
 from evlgen.model.build import WEIGHTS_FILE, build_vlm, describe
-from evlgen.model.qformer import STAGE1_ONLY, STAGE2_ONLY
+from evlgen.model.qformer_stage1 import STAGE1_ONLY, STAGE2_ONLY
 from evlgen.model.tokenizer import train_wordpiece_tokenizer
 from evlgen.model.vlm import VLM
 from evlgen.smoke import fixed_batch, run_smoke

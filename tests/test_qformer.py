@@ -9,14 +9,13 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, Blip2QFormerConfig, Blip2QFormerModel
 
 from evlgen.model.connector import BertShape
-from evlgen.model.qformer import (
-    QFormer,
+from evlgen.model.qformer import QFormer, qformer_macs
+from evlgen.model.qformer_stage1 import (
     QFormerStage1,
     QFormerText,
     hard_negatives,
     itg_mask,
     key_mask,
-    qformer_macs,
     qformer_stage1_macs,
 )
 from evlgen.model.tokenizer import byte_tokenizer, train_wordpiece_tokenizer

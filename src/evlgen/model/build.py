@@ -27,13 +27,12 @@ from evlgen.model.connector import TomeFormer, check_state_dict, tomeformer_macs
 from evlgen.model.llm import FrozenLM
 from evlgen.model.merge import merge_schedule, token_schedule
 from evlgen.model.mlp import MLPProjector, mlp_macs
-from evlgen.model.qformer import (
+from evlgen.model.qformer import QFormer, qformer_macs
+from evlgen.model.qformer_stage1 import (
     STAGE1_OBJECTIVE,
-    QFormer,
     QFormerStage1,
     QFormerText,
     handover_state,
-    qformer_macs,
     qformer_stage1_macs,
 )
 from evlgen.model.temporal import FrameTokens, concat_merge_schedule, temporal_modules

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from evlgen.model.connector import TomeFormer, check_state_dict
 from evlgen.model.llm import FrozenLM, LMOutput
 from evlgen.model.mlp import MLPProjector
-from evlgen.model.qformer import QFormer, QFormerStage1, Stage1Output
+from evlgen.model.qformer import QFormer
+from evlgen.model.qformer_stage1 import QFormerStage1, Stage1Output
 from evlgen.model.temporal import FrameTokens, repeat_to_frames
 from evlgen.model.vision import VisionTower
 
