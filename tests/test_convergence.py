@@ -2,6 +2,8 @@
 known, and a miniature end-to-end run."""
 
 import json
+import random
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +23,9 @@ from evlgen.convergence import (
     step_seconds,
     summarise,
 )
-from evlgen.synth.probe import tower_ceiling
+from evlgen.model.tokenizer import byte_tokenizer
+from evlgen.synth import world
+from evlgen.synth.probe import lm_ceiling, tower_ceiling
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_demo import SIZES, TINY  # noqa: E402
@@ -188,6 +192,7 @@ def _miniature(out, names, seeds, tmp_path, extra=()):
         recipe=TINY,
         cache_dir=str(tmp_path / "cache"),
         probe_scenes=(40, 20),
+        lm_scenes=3,
     )
 
 
@@ -207,7 +212,8 @@ def test_convergence_miniature_end_to_end(tmp_path):
     for png in ("attribute_accuracy_vs_steps", "attribute_accuracy_vs_seconds", "cider_vs_steps"):
         Image.open(out / f"{png}.png").verify()
     report = (out / "report.md").read_text()
-    assert "| tomeformer-r0 |" in report and "Tower ceiling" in report
+    assert "| tomeformer-r0 |" in report and "Tower ceiling" in report and "LM ceiling" in report
+    assert results["lm_ceiling"]["scenes"] == 3 and 0 <= results["lm_ceiling"]["shuffled"] <= 1
 
     # Run again: every (contender, seed) is read back from its result.json instead of retrained.
     stamp = (out / "runs" / "tomeformer-seed0" / "result.json").stat().st_mtime_ns
@@ -238,3 +244,39 @@ def test_scoped_overrides_reach_both_stages_of_their_contender_only():
     assert scoped == {"qformer-2stage": ["connector.num_queries=8"]}
     with pytest.raises(ConfigError, match="unknown contender 'qformr'"):
         split_scoped(["qformr:connector.num_queries=8"], known)
+
+
+class _ReadingLM:
+    """Writes the canonical caption of whatever slot description its prompt holds (or, `blind`, always
+    the same caption); checks the prompt's layout on the way."""
+
+    def __init__(self, tokenizer, blind=False):
+        self.tok, self.blind = tokenizer, blind
+
+    def generate(self, prompt, **kwargs):
+        ids = prompt[0].tolist()
+        eos = self.tok.eos_token_id
+        assert ids[0] == eos and ids.count(eos) == 2, "</s> description </s> caption:"
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        assert text.endswith("caption:")
+        slots = re.findall(r"(left|middle|right): a (\w+) (\w+) (\w+)\.", text)
+        caption = (
+            "a large red circle on the left"
+            if self.blind
+            else " and ".join(
+                f"a {size} {colour} {shape} {world.AT[pos]}" for pos, size, colour, shape in slots
+            )
+        )
+        new = self.tok(" " + caption, add_special_tokens=False)["input_ids"] + [eos]
+        return torch.tensor([ids + new])
+
+
+def test_lm_ceiling_scores_captions_from_the_true_description():
+    tok = byte_tokenizer()
+    reading = lm_ceiling(_ReadingLM(tok), tok, scenes=30, seed=3)
+    assert reading == {"scenes": 30, "in_order": 1.0, "shuffled": 1.0}
+    blind = lm_ceiling(_ReadingLM(tok, blind=True), tok, scenes=30, seed=3)
+    rng = random.Random("lm-ceiling-3")  # the same scenes, drawn here independently
+    scenes = [world.sample_scene(rng) for _ in range(30)]
+    lone_red_circles = sum([(o.colour, o.shape) for o in s.objects] == [("red", "circle")] for s in scenes)
+    assert blind["in_order"] == blind["shuffled"] == lone_red_circles / 30 < 0.2

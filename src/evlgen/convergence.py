@@ -218,13 +218,14 @@ def run_convergence(
     sizes: dict[str, int] | None = None,
     recipe: Any = None,
     probe_scenes: tuple[int, int] = (2000, 500),
+    lm_scenes: int = 200,
 ) -> dict[str, Any]:
     """Train and score every contender; write results.json, report.md and plots into `out`."""
     from evlgen.model.build import build_vision
     from evlgen.synth import world
     from evlgen.synth.backbones import Recipe, ensure_backbones
     from evlgen.synth.demo import demo_config, from_features
-    from evlgen.synth.probe import tower_ceiling
+    from evlgen.synth.probe import lm_ceiling, tower_ceiling
 
     known = contenders(stage1_steps)
     unknown = [n for n in names if n not in known]
@@ -263,6 +264,13 @@ def run_convergence(
     ceiling = tower_ceiling(
         build_vision(base.vision), train_scenes=probe_scenes[0], test_scenes=probe_scenes[1], seed=world_seed
     )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(backbones / "llm").eval()
+    lm_ceil = lm_ceiling(
+        lm, AutoTokenizer.from_pretrained(backbones / "llm"), scenes=lm_scenes, seed=world_seed
+    )
+    del lm
 
     results: dict[str, Any] = {
         "budgets": budgets,
@@ -273,6 +281,7 @@ def run_convergence(
         "world_sizes": dict(sizes or {}),
         "backbones": backbones.name,
         "tower_ceiling": ceiling,
+        "lm_ceiling": lm_ceil,
         "contenders": {},
     }
     for name in names:
@@ -396,6 +405,16 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _lm_ceiling_line(lm: dict[str, Any] | None) -> list[str]:
+    if not lm:
+        return []
+    return [
+        f"LM ceiling (attribute accuracy of the frozen LM's captions from the true scene description, "
+        f"{lm['scenes']} unseen scenes): **{lm['in_order']:.3f}** with the slots in column order, "
+        f"{lm['shuffled']:.3f} shuffled.",
+    ]
+
+
 def render(results: dict[str, Any]) -> str:
     s = results["summary"]
     entries = results["contenders"].items()
@@ -414,6 +433,8 @@ def render(results: dict[str, Any]) -> str:
         f"Tower ceiling (linear probe of the frozen tower, {c['scenes']} unseen scenes): shape "
         f"{c['shape_accuracy']:.3f}, colour {c['colour_accuracy']:.3f}, size {c['size_accuracy']:.3f} per "
         f"object; every object's shape and colour right: **{c['scene_accuracy']:.3f}** per scene.",
+        "",
+        *_lm_ceiling_line(results.get("lm_ceiling")),
         "",
         "Attribute accuracy (mean +- std over seeds) at each budget:",
         "",

@@ -1,4 +1,5 @@
-"""The frozen tower's own ceiling on the synthetic world: a linear probe of its patch tokens.
+"""The frozen backbones' own ceilings on the synthetic world: what the tower's tokens hold, and what
+the LM writes when it is handed the scene in words.
 
 A connector can only pass on what the tower's tokens hold. For each object of a scene, the probe
 averages the tower's output tokens over the patches inside the object's box and fits one linear
@@ -6,6 +7,10 @@ classifier per attribute (shape, colour, size) on training scenes; accuracy on u
 much of each attribute is linearly readable. The scene-level figure (every object's shape and colour
 right) is the one to hold beside a caption's attribute accuracy: a connector scoring near it is
 limited by the tower, one far below it by itself.
+
+The LM's ceiling is the same score for captions the frozen LM writes from the true scene description
+in the layout it was pretrained on (`</s> left: ... </s> caption:`), in the slots' trained order and
+shuffled: what a connector could reach if its visual prefix said exactly what the words say.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from evlgen.synth import world
-from evlgen.synth.backbones import _pixels, object_patch_masks
+from evlgen.synth.backbones import _lm_ids, _pixels, object_patch_masks
 
 ATTRIBUTES = ("shape", "colour", "size")
 _VOCAB = {"shape": world.SHAPES, "colour": world.COLOURS, "size": world.SIZES}
@@ -93,3 +98,32 @@ def tower_ceiling(
         **{f"{name}_accuracy": correct[name].float().mean().item() for name in ATTRIBUTES},
         "scene_accuracy": per_scene.float().mean().item(),
     }
+
+
+@torch.no_grad()
+def lm_ceiling(
+    lm: Any, tokenizer: Any, *, scenes: int = 200, seed: int = 0, num_beams: int = 3, max_new_tokens: int = 24
+) -> dict[str, Any]:
+    """Attribute accuracy of the LM's captions of unseen scenes from their slot descriptions, with the
+    slots in column order (`in_order`) and shuffled per scene (`shuffled`)."""
+    rng = random.Random(f"lm-ceiling-{seed}")
+    test = [world.sample_scene(rng) for _ in range(scenes)]
+    out: dict[str, Any] = {"scenes": scenes}
+    for name, order in (("in_order", None), ("shuffled", random.Random(f"lm-ceiling-order-{seed}"))):
+        right = 0
+        for scene in test:
+            ids, _ = _lm_ids(tokenizer, scene.slots(order), "caption:")
+            prompt = torch.tensor([ids[:-1]])  # [1, L] without the closing </s>
+            generated = lm.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # [1, L + new]
+            text = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)
+            right += world.attribute_match(text, scene)["all"]
+        out[name] = right / scenes
+    return out
