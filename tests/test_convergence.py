@@ -125,18 +125,23 @@ def test_compare_puts_sweep_points_on_one_target(tmp_path):
         base=["train.lr=1e-3"],
         sizes={"train": 1000},
     )
+    main["lm_ceiling"] = {"scenes": 10, "in_order": 0.98, "shuffled": 0.5}  # `point` predates the LM ceiling
     for name, r in (("main", main), ("q8", point)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))
     table = compare([tmp_path / "main", tmp_path / "q8"])
     assert "Steps to attribute_accuracy >= 0.4" in table  # 80% of main's TomeFormer final 0.5
     assert (
-        "| run | connector | settings | backbones | tower | 10 | 20 | 40 | steps to target | seeds |" in table
+        "| run | connector | settings | backbones | tower | LM | 10 | 20 | 40 | steps to target | seeds |"
+        in table
     )
     # TomeFormer crosses 0.4 at 10 + 10 * 0.2 / 0.3 steps in both seeds; one Q-Former seed never does.
-    assert "| main | tomeformer | - | v3-x | 0.950 | 0.200 | 0.500 | - | 17 | 2/2 |" in table
-    assert "| main | qformer | q | v3-x | 0.950 | 0.100 | 0.400 | - | - | 1/2 |" in table
-    assert "| q8 | qformer | train.lr=1e-3, connector.num_queries=8, world {'train': 1000} |" in table
+    assert "| main | tomeformer | - | v3-x | 0.950 | 0.980 | 0.200 | 0.500 | - | 17 | 2/2 |" in table
+    assert "| main | qformer | q | v3-x | 0.950 | 0.980 | 0.100 | 0.400 | - | - | 1/2 |" in table
+    assert (
+        "| q8 | qformer | train.lr=1e-3, connector.num_queries=8, world {'train': 1000} | v3-x | 0.950 | - |"
+        in table
+    )
     assert table.rstrip().endswith("| 0.400 | - | 0.600 | 10 | 1/1 |")
     explicit = compare([tmp_path / "q8"], ("attribute_accuracy", 0.5))
     assert ">= 0.5 " in explicit and explicit.rstrip().endswith("| 25 | 1/1 |")  # 10 + 30 * 0.1 / 0.2

@@ -470,9 +470,10 @@ def render(results: dict[str, Any]) -> str:
 def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = None) -> str:
     """One markdown table over several convergence runs, e.g. the points of a sweep.
 
-    Per folder and contender: the settings that differ from the shipped bench, the tower's ceiling,
-    attribute accuracy at every budget (mean over seeds) and the steps to one common `target` (default:
-    80% of the first folder's TomeFormer final attribute accuracy), so that rows compare across runs.
+    Per folder and contender: the settings that differ from the shipped bench, the tower's and the
+    LM's ceilings (LM: slots in order; '-' for runs made before it was measured), attribute accuracy
+    at every budget (mean over seeds) and the steps to one common `target` (default: 80% of the first
+    folder's TomeFormer final attribute accuracy), so that rows compare across runs.
     """
     runs = []
     for folder in folders:
@@ -491,10 +492,10 @@ def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = No
         f"Steps to {metric} >= {value} (mean over seeds; two-stage counts both stages; '-': not every "
         "seed reached it).",
         "",
-        "| run | connector | settings | backbones | tower | "
+        "| run | connector | settings | backbones | tower | LM | "
         + " | ".join(str(b) for b in budgets)
         + " | steps to target | seeds |",
-        "| --- " * (len(budgets) + 6) + "|",
+        "| --- " * (len(budgets) + 7) + "|",
     ]
     for folder, r in runs:
         for name, entry in r["contenders"].items():
@@ -509,9 +510,10 @@ def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = No
                 settings.append(f"world {r['world_sizes']}")
             cells = [_fmt(at.get(b)) for b in budgets]
             steps = statistics.fmean(reached) if reached and len(reached) == len(hits) else None
+            lm = r.get("lm_ceiling")
             lines.append(
                 f"| {folder.name} | {name} | {', '.join(settings) or '-'} | {r.get('backbones', '?')} | "
-                f"{r['tower_ceiling']['scene_accuracy']:.3f} | "
+                f"{r['tower_ceiling']['scene_accuracy']:.3f} | {_fmt(lm and lm['in_order'])} | "
                 + " | ".join(cells)
                 + f" | {_fmt(steps, '.0f')} | {len(reached)}/{len(hits)} |"
             )
