@@ -131,6 +131,8 @@ def test_compare_puts_sweep_points_on_one_target(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps(r))
     table = compare([tmp_path / "main", tmp_path / "q8"])
     assert "Steps to attribute_accuracy >= 0.4" in table  # 80% of main's TomeFormer final 0.5
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 5 and len({row.count("|") for row in rows}) == 1  # header, rule, three rows
     assert (
         "| run | connector | settings | backbones | tower | LM | 10 | 20 | 40 | steps to target | seeds |"
         in table

@@ -495,7 +495,7 @@ def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = No
         "| run | connector | settings | backbones | tower | LM | "
         + " | ".join(str(b) for b in budgets)
         + " | steps to target | seeds |",
-        "| --- " * (len(budgets) + 7) + "|",
+        "| --- " * (len(budgets) + 8) + "|",
     ]
     for folder, r in runs:
         for name, entry in r["contenders"].items():
