@@ -120,7 +120,12 @@ def test_compare_puts_sweep_points_on_one_target(tmp_path):
         }
     )
     point = _results(
-        {"qformer": (_entry([[_pt(10, 0.4, 1), _pt(40, 0.6, 4)]]), ["connector.num_queries=8"])},
+        {
+            "qformer": (
+                _entry([[_pt(10, 0.4, 1), _pt(40, 0.6, 4)]]),
+                ["connector.num_queries=32", "connector.num_queries=8"],
+            )
+        },
         budgets=(10, 40),
         base=["train.lr=1e-3"],
         sizes={"train": 1000},

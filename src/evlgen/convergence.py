@@ -505,7 +505,9 @@ def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = No
                 for run in entry["runs"].values()
             ]
             reached = [h for h in hits if h is not None]
-            settings = [*r["base_overrides"], *entry["overrides"]]
+            # Later overrides of a key win (a scoped `connector.num_queries=8` over the contender's 32).
+            latest = {o.split("=", 1)[0]: o for o in [*r["base_overrides"], *entry["overrides"]]}
+            settings = list(latest.values())
             if r.get("world_sizes"):
                 settings.append(f"world {r['world_sizes']}")
             cells = [_fmt(at.get(b)) for b in budgets]
