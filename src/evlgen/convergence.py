@@ -336,6 +336,22 @@ def _mean_curve(entry: dict[str, Any], metric: str, x: str) -> list[tuple[float,
     return out
 
 
+def _default_target(entries: dict[str, Any]) -> tuple[str, float] | None:
+    """80% of TomeFormer's final mean attribute accuracy; None without a tomeformer run."""
+    ref = entries.get("tomeformer")
+    if ref is None:
+        return None
+    return ("attribute_accuracy", round(0.8 * _mean_curve(ref, "attribute_accuracy", "step")[-1][1], 3))
+
+
+def _to_target(entry: dict[str, Any], metric: str, value: float, key: str) -> tuple[float | None, int]:
+    """Mean over seeds of the first `key` (total_steps or seconds) at which `metric` reaches `value`
+    (None unless every seed reaches it), and how many seeds reach it."""
+    hits = [crossing([(p[key], p[metric]) for p in run["points"]], value) for run in entry["runs"].values()]
+    reached = [h for h in hits if h is not None]
+    return (statistics.fmean(reached) if len(reached) == len(hits) else None), len(reached)
+
+
 def summarise(results: dict[str, Any], target: tuple[str, float] | None) -> dict[str, Any]:
     """Final quality per contender and the time-to-target ratios relative to TomeFormer one-stage.
 
@@ -343,25 +359,17 @@ def summarise(results: dict[str, Any], target: tuple[str, float] | None) -> dict
     is reached by the reference by construction, and the others' ratios say how much longer they take).
     """
     entries = results["contenders"]
+    target = target or _default_target(entries)
     if target is None:
-        ref = entries.get("tomeformer")
-        if ref is None:
-            return {"target": None, "note": "no tomeformer run: no reference for the target"}
-        target = ("attribute_accuracy", round(0.8 * _mean_curve(ref, "attribute_accuracy", "step")[-1][1], 3))
+        return {"target": None, "note": "no tomeformer run: no reference for the target"}
     metric, value = target
     table: dict[str, Any] = {}
     for name, entry in entries.items():
-        per_seed = {"steps": [], "seconds": []}
-        for run in entry["runs"].values():
-            for axis, key in (("steps", "total_steps"), ("seconds", "seconds")):
-                per_seed[axis].append(crossing([(p[key], p[metric]) for p in run["points"]], value))
         final = {m: _mean_curve(entry, m, "step")[-1][1:] for m in METRICS}
         row: dict[str, Any] = {f"final_{m}": final[m][0] for m in METRICS}
         row.update({f"final_{m}_std": final[m][1] for m in METRICS})
-        for axis in ("steps", "seconds"):
-            hits = [v for v in per_seed[axis] if v is not None]
-            row[f"{axis}_to_target"] = statistics.fmean(hits) if len(hits) == len(per_seed[axis]) else None
-            row[f"{axis}_seeds_reached"] = len(hits)
+        for axis, key in (("steps", "total_steps"), ("seconds", "seconds")):
+            row[f"{axis}_to_target"], row[f"{axis}_seeds_reached"] = _to_target(entry, metric, value, key)
         table[name] = row
     ref = table.get("tomeformer")
     for row in table.values():
@@ -418,7 +426,7 @@ def _lm_ceiling_line(lm: dict[str, Any] | None) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     s = results["summary"]
     entries = results["contenders"].items()
-    scoped = ", ".join(f"{n}: {list(e['overrides'])}" for n, e in entries if e["overrides"]) or "none"
+    per_contender = ", ".join(f"{n}: {list(e['overrides'])}" for n, e in entries if e["overrides"]) or "none"
     sizes = results.get("world_sizes") or "default"
     c = results["tower_ceiling"]
     lines = [
@@ -428,7 +436,7 @@ def render(results: dict[str, Any]) -> str:
         f"{results['eval_samples']} unseen test scenes per evaluation.",
         "",
         f"Backbones `{results.get('backbones', '?')}`; world sizes {sizes}; overrides for every "
-        f"contender: {results['base_overrides'] or 'none'}; per contender: {scoped}.",
+        f"contender: {results['base_overrides'] or 'none'}; per contender: {per_contender}.",
         "",
         f"Tower ceiling (linear probe of the frozen tower, {c['scenes']} unseen scenes): shape "
         f"{c['shape_accuracy']:.3f}, colour {c['colour_accuracy']:.3f}, size {c['size_accuracy']:.3f} per "
@@ -481,11 +489,9 @@ def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = No
         if not path.is_file():
             raise ConfigError(f"{folder}: no results.json (not a finished `evlgen bench convergence` run)")
         runs.append((Path(folder), json.loads(path.read_text())))
+    target = target or _default_target(runs[0][1]["contenders"])
     if target is None:
-        ref = runs[0][1]["contenders"].get("tomeformer")
-        if ref is None:
-            raise ConfigError(f"{runs[0][0]}: no tomeformer run to set the target from; pass a target")
-        target = ("attribute_accuracy", round(0.8 * _mean_curve(ref, "attribute_accuracy", "step")[-1][1], 3))
+        raise ConfigError(f"{runs[0][0]}: no tomeformer run to set the target from; pass a target")
     metric, value = target
     budgets = sorted({b for _, r in runs for b in r["budgets"]})
     lines = [
@@ -500,23 +506,18 @@ def compare(folders: Sequence[str | Path], target: tuple[str, float] | None = No
     for folder, r in runs:
         for name, entry in r["contenders"].items():
             at = {round(x): m for x, m, _ in _mean_curve(entry, "attribute_accuracy", "step")}
-            hits = [
-                crossing([(p["total_steps"], p[metric]) for p in run["points"]], value)
-                for run in entry["runs"].values()
-            ]
-            reached = [h for h in hits if h is not None]
+            steps, reached = _to_target(entry, metric, value, "total_steps")
             # Later overrides of a key win (a scoped `connector.num_queries=8` over the contender's 32).
             latest = {o.split("=", 1)[0]: o for o in [*r["base_overrides"], *entry["overrides"]]}
             settings = list(latest.values())
             if r.get("world_sizes"):
                 settings.append(f"world {r['world_sizes']}")
             cells = [_fmt(at.get(b)) for b in budgets]
-            steps = statistics.fmean(reached) if reached and len(reached) == len(hits) else None
             lm = r.get("lm_ceiling")
             lines.append(
                 f"| {folder.name} | {name} | {', '.join(settings) or '-'} | {r.get('backbones', '?')} | "
                 f"{r['tower_ceiling']['scene_accuracy']:.3f} | {_fmt(lm and lm['in_order'])} | "
                 + " | ".join(cells)
-                + f" | {_fmt(steps, '.0f')} | {len(reached)}/{len(hits)} |"
+                + f" | {_fmt(steps, '.0f')} | {reached}/{len(entry['runs'])} |"
             )
     return "\n".join(lines) + "\n"
