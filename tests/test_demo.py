@@ -1,13 +1,15 @@
 """A fast, miniature `evlgen demo`: every stage runs, every output is written, results are deterministic."""
 
 import json
+from collections import Counter
 
+import pytest
 from PIL import Image
 
 from evlgen.config import load_config
 from evlgen.eval.run import run_eval
 from evlgen.synth.backbones import Recipe
-from evlgen.synth.demo import run_demo
+from evlgen.synth.demo import CANONICAL_SHARE, run_demo, weight_first_caption
 
 TINY = Recipe(clip_steps=3, clip_batch=8, lm_steps=3, lm_batch=8, corpus_scenes=30)
 SIZES = {"train": 48, "val": 8, "test": 12, "comp": 8}
@@ -40,6 +42,16 @@ def test_demo_smoke_writes_everything_and_is_deterministic(tmp_path):
     Image.open(out / "loss.png").verify()
     Image.open(out / "samples.png").verify()
     assert "| CIDEr |" in (out / "report.md").read_text()
+    # Training read the caption-weighted rows (9 canonical draws in 10), not the world's own file.
+    assert saved["canonical_share"] == 0.9
+    assert "canonical caption in 90% of samples" in (out / "report.md").read_text()
+    trained = [json.loads(line) for line in (out / "train-captions.jsonl").read_text().splitlines()]
+    world_rows = [json.loads(line) for line in (out / "world" / "train.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in trained] == [r["id"] for r in world_rows]
+    assert all(set(t["captions"]) == set(w["captions"]) for t, w in zip(trained, world_rows, strict=True))
+    features = (out / "features" / "train").rglob("meta-*.jsonl")
+    cached = [json.loads(line) for f in features for line in f.read_text().splitlines()]
+    assert cached and all(len(r["captions"]) == 10 * (len(set(r["captions"])) - 1) for r in cached)
 
     # `evlgen eval eval-demo` on the saved model reproduces the demo's own test scores.
     decoding = [o for o in FAST if o.startswith(("caption.", "vqa."))]
@@ -69,3 +81,34 @@ def test_demo_and_convergence_name_a_bad_backbones_change_before_any_work(tmp_pa
     assert main(["demo", "--video", "paper", "--backbones", "lm_steps=5"]) == 2
     assert "video demo has its own recipe" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("share", "first", "each_other"),
+    [(0.75, 3 * 4, 1), (0.5, 4, 1), (0.2, 4, 4), (1.0, 4, 0), (0.0, 0, 1)],
+)
+def test_weight_first_caption_gives_the_first_caption_its_share_of_uniform_draws(share, first, each_other):
+    row = {"id": "a", "captions": ["c0", "c1", "c2", "c3", "c4"], "scene": {}}
+    [out] = weight_first_caption([row], share)
+    counts = Counter(out["captions"])
+    assert counts["c0"] == first and all(counts[c] == each_other for c in ("c1", "c2", "c3", "c4"))
+    assert counts["c0"] / len(out["captions"]) == pytest.approx(share)
+    assert row["captions"] == ["c0", "c1", "c2", "c3", "c4"] and out["id"] == "a"  # input untouched
+    [alone] = weight_first_caption([{"captions": ["only"]}], share)
+    assert alone["captions"] == ["only"]
+
+
+def test_weight_first_caption_and_the_cli_refuse_a_share_outside_0_1(tmp_path, capsys):
+    from evlgen.cli import main
+
+    with pytest.raises(ValueError, match="share must be in"):
+        weight_first_caption([{"captions": ["a", "b"]}], 1.5)
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "d"), "--canonical-share", "most"])
+    assert "'most' is not a share in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"(default {CANONICAL_SHARE};" in " ".join(capsys.readouterr().out.split())  # help tells the truth
+    assert main(["demo", "--video", "paper", "--canonical-share", "0.5"]) == 2
+    assert "video demo has its own recipe" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

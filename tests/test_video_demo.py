@@ -54,6 +54,9 @@ def test_video_backbones_have_their_own_cache_key_and_the_image_corpus_is_unchan
     assert image.video_clips == 0 and not image.shuffle_slots and image.digest() == "b667ece6a6023097"
     assert vid.digest() == "6194885f5fb61064"
     assert dataclasses.replace(image, shuffle_slots=True).digest() not in ("b667ece6a6023097", vid.digest())
+    narrow = dataclasses.replace(image, lm_ffn=256)  # an FFN narrower than 4 x hidden: its own key
+    assert narrow.digest() != image.digest()
+    assert (narrow.lm_arch(400)["ffn_dim"], image.lm_arch(400)["ffn_dim"]) == (256, 512)
     small = dataclasses.replace(image, corpus_scenes=20)
     plain = lm_corpus(small, random.Random(0))
     with_clips = lm_corpus(dataclasses.replace(small, video_clips=10), random.Random(0))

@@ -202,9 +202,21 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share in [0, 1]")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
-    if args.video and args.backbones:
-        raise ConfigError("--backbones changes the image demo's backbones; the video demo has its own recipe")
+    if args.video and (args.backbones or args.canonical_share is not None):
+        raise ConfigError(
+            "--backbones and --canonical-share change the image demo; the video demo has its own recipe"
+        )
     if args.video:
         from evlgen.synth.video_demo import VARIANTS, run_video_demo
 
@@ -217,7 +229,8 @@ def _demo(args: argparse.Namespace) -> int:
     from evlgen.synth.demo import run_demo
 
     recipe = recipe_with(Recipe(seed=args.seed), args.backbones.split(",")) if args.backbones else None
-    metrics = run_demo(args.out, seed=args.seed, overrides=args.overrides, recipe=recipe)
+    share = {} if args.canonical_share is None else {"canonical_share": args.canonical_share}
+    metrics = run_demo(args.out, seed=args.seed, overrides=args.overrides, recipe=recipe, **share)
     t, c = metrics["test"], metrics["comp"]
     print(
         f"test (unseen scenes):     CIDEr {t['cider']:.3f}  BLEU-4 {t['bleu4']:.3f}  "
@@ -451,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbones",
         default="",
         help="changes to the frozen backbones' recipe, e.g. lm_hidden=256,lm_layers=4 or "
-        "shuffle_slots=true,lm_steps=2000 (built once and cached like the demo's)",
+        "shuffle_slots=true,lm_steps=2000,lm_ffn=256 (built once and cached like the demo's)",
     )
     p.add_argument(
         "--connectors",
@@ -503,7 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbones",
         default="",
-        help="changes to the backbones' recipe (image demo), e.g. shuffle_slots=true,lm_steps=2000",
+        help="changes to the image demo's backbones recipe, e.g. shuffle_slots=true,lm_steps=2000,lm_ffn=256",
+    )
+    p.add_argument(
+        "--canonical-share",
+        type=_share,
+        default=None,
+        help="image demo: share of training samples on a scene's canonical caption, the rest on its "
+        "paraphrases (default 0.9; 0.2 = each of the five references alike)",
     )
     p.set_defaults(func=_demo)
 

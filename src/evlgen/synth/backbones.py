@@ -83,6 +83,8 @@ class Recipe:
     # List the LM context's three column slots in a random order per example, so that the LM must look a
     # slot up by its name instead of copying by position (see `lm_corpus`; an experiment, off in the demo).
     shuffle_slots: bool = False
+    # Width of the LM's feed-forward layers; 0 = 4 x lm_hidden.
+    lm_ffn: int = 0
 
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
@@ -113,7 +115,7 @@ class Recipe:
             "hidden_size": self.lm_hidden,
             "num_hidden_layers": self.lm_layers,
             "num_attention_heads": self.lm_heads,
-            "ffn_dim": 4 * self.lm_hidden,
+            "ffn_dim": self.lm_ffn or 4 * self.lm_hidden,
             "max_position_embeddings": 256,
             "word_embed_proj_dim": self.lm_hidden,
             "pad_token_id": 0,
@@ -122,7 +124,7 @@ class Recipe:
         }
 
 
-_DIGEST_LEGACY = {"video_clips": 0, "shuffle_slots": False}
+_DIGEST_LEGACY = {"video_clips": 0, "shuffle_slots": False, "lm_ffn": 0}
 
 
 def recipe_with(recipe: Recipe, changes: Sequence[str]) -> Recipe:
