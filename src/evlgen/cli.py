@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_share,
         default=None,
         help="image demo: share of training samples on a scene's canonical caption, the rest on its "
-        "paraphrases (default 0.9; 0.2 = each of the five references alike)",
+        "paraphrases (default 0.95; 0.2 = each of the five references alike)",
     )
     p.set_defaults(func=_demo)
 
